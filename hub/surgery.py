@@ -1,0 +1,116 @@
+"""Applying a plan to a live model: quantize, wrap, set what trains.
+
+Contract: after ``apply`` only adapter tensors (and modules of ``train`` rules) require grad;
+every adapter layer is an :class:`AdapterLayer` at the original module's name, holding the
+original module as ``base_layer``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from adapterhub.dsl import load_spec
+from adapterhub.registry import AdapterhubError, AdapterLayer, ApplyContext, Registry, get_registry
+
+from .planning import Plan
+from .planning import plan as make_plan
+
+
+@dataclass
+class Applied:
+    """What ``apply`` did to a model, kept on it as ``model.adapterhub`` (used by ``save``)."""
+
+    plan: Plan
+    fingerprint: str
+    seed: int
+
+
+def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:
+    """``(name, layer)`` for every adapter layer in ``model``."""
+    for name, mod in model.named_modules():
+        if isinstance(mod, AdapterLayer):
+            yield name, mod
+
+
+def applied(model: nn.Module) -> Applied | None:
+    return model.__dict__.get("adapterhub")
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def apply(model: nn.Module, spec: Any, *, registry: Registry | None = None, seed: int = 0,
+          plan: Plan | None = None) -> nn.Module:
+    """Adapt ``model`` in place as ``spec`` (text, path or Spec) says, and return it.
+
+    Base weights are frozen; ``on QUANT`` rules replace the base layer by its quantized form;
+    variant rules wrap it; ``train`` rules make the module fully trainable. Adapter initialisation
+    draws from ``seed`` without disturbing the caller's random state.
+    """
+    from .fingerprint import model_fingerprint
+
+    if applied(model) is not None:
+        raise AdapterhubError("this model already has adapters from adapterhub.apply; load a fresh model "
+                              "(stacking several adapters comes through adapterhub.load)")
+    registry = registry or get_registry()
+    spec = load_spec(spec)
+    the_plan = plan or make_plan(model, spec, registry)
+    fingerprint = model_fingerprint(model)
+    by_index = {br.index: br for br in the_plan.bound}
+    ctx = ApplyContext(model=model, seed=seed)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    train_modules = []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for entry in the_plan.entries:
+            if entry.action == "skip":
+                continue
+            br = by_index[entry.rule_index]
+            module = model.get_submodule(entry.module)
+            if entry.quant is not None:
+                module = br.quantizer.quantize(module, br.quant_params)
+                _replace(model, entry.module, module)
+            if entry.action == "variant":
+                layer = br.variant.wrap(module, br.params, ctx, entry.module)
+                if not isinstance(layer, AdapterLayer):
+                    raise AdapterhubError(f"variant {br.variant.name} returned {type(layer).__name__}, "
+                                          "not an AdapterLayer")
+                _replace(model, entry.module, layer)
+            elif entry.action == "train":
+                train_modules.append(module)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for _, layer in adapter_layers(model):
+        for p in layer.trainable_parameters():
+            p.requires_grad_(True)
+    for module in train_modules:
+        for p in module.parameters():
+            p.requires_grad_(True)
+    model.__dict__["adapterhub"] = Applied(the_plan, fingerprint, seed)
+    return model
+
+
+def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """Merge every adapter layer into its base weight (outputs unchanged, adapters inactive)."""
+    for _, layer in adapter_layers(model):
+        layer.merge()
+    return model
+
+
+def unmerge(model: nn.Module) -> nn.Module:
+    for _, layer in adapter_layers(model):
+        layer.unmerge()
+    return model

@@ -1,0 +1,315 @@
+"""Base classes for plugins: variants (adapter layers), quantizers, merge methods.
+
+Weight layout convention: a *Linear-like* module computes ``y = x W^T + b`` with ``W`` of shape
+``out x in``. GPT-2's ``Conv1D`` stores ``W^T`` (``in x out``); ``nn.Embedding`` stores
+``num_embeddings x dim`` and is treated as ``in = num_embeddings``, ``out = dim``.
+``AdapterLayer.delta_weight()`` is always returned in the *base module's own layout*, so
+``base.weight + delta_weight()`` is the merged weight for every kind.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from .errors import ModuleTypeError, NotMergeableError
+
+# --------------------------------------------------------------------------- module kinds
+
+KINDS = ("linear", "conv1d", "embedding")
+
+
+def module_kind(module: nn.Module) -> str:
+    """``linear`` (incl. quantized linears), ``conv1d`` (GPT-2), ``embedding`` or ``other``."""
+    if isinstance(module, (nn.Linear, QuantizedLinear)):
+        return "linear"
+    if isinstance(module, nn.Embedding):
+        return "embedding"
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None:
+        return "conv1d"
+    return "other"
+
+
+def module_features(module: nn.Module) -> tuple[int | None, int | None]:
+    """``(in_features, out_features)`` in the convention above, or ``(None, None)``."""
+    kind = module_kind(module)
+    if kind == "linear":
+        return module.in_features, module.out_features
+    if kind == "conv1d":
+        return module.weight.shape[0], module.weight.shape[1]
+    if kind == "embedding":
+        return module.num_embeddings, module.embedding_dim
+    return None, None
+
+
+@dataclass(frozen=True)
+class ModuleInfo:
+    """What planning needs to know of one module -- no weights required (meta tensors are fine)."""
+
+    name: str
+    type_name: str
+    kind: str  # linear | conv1d | embedding | other
+    in_features: int | None
+    out_features: int | None
+    own_params: int  # parameters held directly by this module (not its children)
+    weight_bytes: int  # bytes of those parameters as stored now
+    dtype: str | None  # dtype of the weight, e.g. "float32"
+    is_leaf: bool
+    quantized: str | None = None  # quantizer name if already quantized
+    tied_params: int = 0  # parameters it holds that another module owns (tied embeddings)
+
+    @property
+    def depth(self) -> int:
+        return self.name.count(".") + 1 if self.name else 0
+
+
+# --------------------------------------------------------------------------- quantized base
+
+
+class QuantizedLinear(nn.Module):
+    """A frozen Linear whose weight is stored quantized.
+
+    Subclasses hold their codes/scales as buffers and implement :meth:`dequantize` (``out x in``).
+    ``forward`` dequantizes to the input's dtype (or ``compute_dtype``) and runs a dense matmul.
+    """
+
+    quantizer: ClassVar[str] = ""
+
+    def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None,
+                 compute_dtype: torch.dtype | None = None):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.compute_dtype = compute_dtype
+        self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
+
+    def dequantize(self) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        return self.bias.dtype if self.bias is not None else torch.float32
+
+    def weight_bytes(self) -> int:
+        """Bytes actually held by the quantized weight (codes + all scale levels), bias excluded."""
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = self.compute_dtype or x.dtype
+        w = self.dequantize().to(dtype)
+        b = self.bias.to(dtype) if self.bias is not None else None
+        return nn.functional.linear(x.to(dtype), w, b).to(x.dtype)
+
+    def to_linear(self, weight: torch.Tensor | None = None) -> nn.Linear:
+        """A dense ``nn.Linear`` with the dequantized weight (or ``weight`` if given)."""
+        w = self.dequantize() if weight is None else weight
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                        device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            lin.weight.copy_(w)
+            if self.bias is not None:
+                lin.bias.copy_(self.bias)
+        lin.requires_grad_(False)
+        return lin
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, quant={self.quantizer}"
+
+
+# --------------------------------------------------------------------------- adapter layers
+
+
+class AdapterLayer(nn.Module):
+    """An adapter wrapped around ``base_layer``; ``forward`` = base output + the variant's update.
+
+    Subclasses implement :meth:`adapted_forward` (the paper's math in torch) and, when mergeable,
+    :meth:`delta_weight`. ``merge`` folds the update into the base weight (dequantizing a quantized
+    base into a dense layer), ``unmerge`` restores the base exactly as it was before ``merge``
+    up to float rounding of ``W + d - d`` (a quantized base is restored bit-exactly).
+    """
+
+    variant: ClassVar[str] = ""
+    #: True when delta_weight() reads the base weight (DoRA): merge caches it for unmerge.
+    delta_reads_base: ClassVar[bool] = False
+
+    def __init__(self, base_layer: nn.Module):
+        super().__init__()
+        kind = module_kind(base_layer)
+        self.base_layer = base_layer
+        self.kind = kind
+        self.in_features, self.out_features = module_features(base_layer)
+        self.merged = False
+        self.disabled = False
+        self._merge_state: dict[str, Any] = {}
+
+    # -- forward ---------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.merged or self.disabled:
+            return self.base_layer(x, *args, **kwargs)
+        return self.adapted_forward(x, *args, **kwargs)
+
+    def adapted_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        raise NotImplementedError
+
+    # -- weights -----------------------------------------------------------------------------
+    @property
+    def is_quantized(self) -> bool:
+        return isinstance(self.base_layer, QuantizedLinear)
+
+    def base_weight(self) -> torch.Tensor:
+        """The base weight as ``out x in`` (dequantized, transposed for Conv1D/Embedding)."""
+        base = self.base_layer
+        if isinstance(base, QuantizedLinear):
+            return base.dequantize()
+        w = base.weight
+        return w.t() if self.kind in ("conv1d", "embedding") else w
+
+    def to_base_layout(self, delta_out_in: torch.Tensor) -> torch.Tensor:
+        """Turn an ``out x in`` matrix into the base module's own weight layout."""
+        return delta_out_in.t() if self.kind in ("conv1d", "embedding") else delta_out_in
+
+    def delta_weight(self) -> torch.Tensor:
+        """``W_merged - W_base`` in the base module's layout. Raises if the variant has none."""
+        raise NotMergeableError(f"{self.variant or type(self).__name__} has no weight-space form and cannot be merged")
+
+    def merge(self) -> None:
+        """Fold the update into the base weight; forward then runs the base layer only."""
+        if self.merged:
+            return
+        delta = self.delta_weight().detach()
+        base = self.base_layer
+        if isinstance(base, QuantizedLinear):
+            deq = base.dequantize()
+            self._merge_state["quantized_base"] = base
+            self.base_layer = base.to_linear((deq.float() + delta.float()).to(deq.dtype))
+        else:
+            with torch.no_grad():
+                w = base.weight
+                w.copy_((w.float() + delta.float()).to(w.dtype))
+            if self.delta_reads_base:
+                self._merge_state["delta"] = delta
+        self.merged = True
+
+    def unmerge(self) -> None:
+        """Undo :meth:`merge`."""
+        if not self.merged:
+            return
+        if "quantized_base" in self._merge_state:
+            self.base_layer = self._merge_state.pop("quantized_base")
+        else:
+            delta = self._merge_state.pop("delta", None)
+            if delta is None:
+                delta = self.delta_weight().detach()
+            with torch.no_grad():
+                w = self.base_layer.weight
+                w.copy_((w.float() - delta.float()).to(w.dtype))
+        self.merged = False
+
+    # -- state -------------------------------------------------------------------------------
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """The variant's own tensors (everything but ``base_layer``), keyed relative to this layer."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("base_layer.")}
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The tensors this variant trains (default: every parameter outside ``base_layer``)."""
+        return [p for n, p in self.named_parameters() if not n.startswith("base_layer.")]
+
+
+# --------------------------------------------------------------------------- plugin classes
+
+
+@dataclass
+class ApplyContext:
+    """Given to every ``Variant.wrap`` call of one ``apply``: the model and a scratch space for
+    tensors that several layers share (Tied-LoRA's A/B, VeRA's projections)."""
+
+    model: nn.Module | None = None
+    shared: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+
+    def share(self, key: str, factory: Any) -> Any:
+        """Return the shared object for ``key``, creating it with ``factory()`` the first time."""
+        if key not in self.shared:
+            self.shared[key] = factory()
+        return self.shared[key]
+
+
+class Variant:
+    """An adapter variant. Subclasses set the class attributes and implement the methods.
+
+    name      -- the DSL name (``lora``)
+    Params    -- a frozen dataclass of parameters made with ``adapterhub.registry.param``
+    kinds     -- module kinds it wraps (``linear``, ``conv1d``, ``embedding``)
+    summary   -- one line of what it does; ``paper`` -- citation (title, arXiv id)
+    mergeable -- whether ``delta_weight`` exists
+    """
+
+    name: ClassVar[str] = ""
+    Params: ClassVar[type]
+    kinds: ClassVar[frozenset[str]] = frozenset({"linear"})
+    summary: ClassVar[str] = ""
+    paper: ClassVar[str] = ""
+    mergeable: ClassVar[bool] = True
+
+    def check_module(self, info: ModuleInfo) -> None:
+        """Raise :class:`ModuleTypeError` if this variant cannot wrap the module."""
+        if info.kind not in self.kinds:
+            supported = ", ".join(sorted(self.kinds))
+            raise ModuleTypeError(
+                f"{self.name} cannot wrap module '{info.name}' of type {info.type_name} "
+                f"(it wraps: {supported})")
+
+    def trainable_params(self, params: Any, info: ModuleInfo) -> int:
+        """How many trainable parameters wrapping ``info`` adds (for ``plan``, without building)."""
+        raise NotImplementedError
+
+    def wrap(self, module: nn.Module, params: Any, ctx: ApplyContext, name: str) -> AdapterLayer:
+        """Build the adapter layer around ``module`` (the full module name is ``name``)."""
+        raise NotImplementedError
+
+
+class Quantizer:
+    """A base-weight quantizer: frozen Linear/Conv1D -> :class:`QuantizedLinear`."""
+
+    name: ClassVar[str] = ""
+    Params: ClassVar[type]
+    kinds: ClassVar[frozenset[str]] = frozenset({"linear", "conv1d"})
+    summary: ClassVar[str] = ""
+    paper: ClassVar[str] = ""
+
+    def check_module(self, info: ModuleInfo) -> None:
+        if info.kind not in self.kinds:
+            raise ModuleTypeError(
+                f"quantizer {self.name} cannot quantize module '{info.name}' of type {info.type_name} "
+                f"(it quantizes: {', '.join(sorted(self.kinds))})")
+
+    def bits_per_param(self, params: Any) -> float:
+        """Storage of the quantized weight in bits per parameter, all scale levels included."""
+        raise NotImplementedError
+
+    def quantize(self, module: nn.Module, params: Any) -> QuantizedLinear:
+        raise NotImplementedError
+
+
+class MergeMethod:
+    """Combines several adapters' delta weights for one module into one delta."""
+
+    name: ClassVar[str] = ""
+    Params: ClassVar[type]
+    summary: ClassVar[str] = ""
+
+    def merge(self, deltas: list[torch.Tensor], weights: list[float], params: Any) -> torch.Tensor:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Alias:
+    """``role`` (a word usable in patterns) also matches each of ``names`` (pattern fragments)."""
+
+    role: str
+    names: tuple[str, ...]
+    family: str = ""
+    plugin: str = ""
