@@ -100,10 +100,7 @@ def _eligible(br: BoundRule, info: ModuleInfo) -> bool:
 
 
 def _error(spec: Spec, pos: Any, message: str, hint: str | None = None) -> SurgeryError:
-    lines = spec.source.splitlines()
-    line = lines[pos.line - 1] if 0 < pos.line <= len(lines) else ""
-    return SurgeryError(message, filename=spec.filename, line=pos.line, column=pos.column,
-                        source_line=line, hint=hint)
+    return SurgeryError(message, line=pos.line, column=pos.column, hint=hint).locate(spec.source, spec.filename)
 
 
 def resolve(spec: Spec, infos: Sequence[ModuleInfo], registry: Registry | None = None,

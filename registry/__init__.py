@@ -1,27 +1,35 @@
-"""adapterhub.registry: hookspecs, the plugin manager, and the base classes plugins build on."""
+"""adapterhub.registry: hookspecs, the plugin manager, and the base classes plugins build on.
 
-from .base import (
-    KINDS,
-    AdapterLayer,
-    Alias,
-    ApplyContext,
-    MergeMethod,
-    ModuleInfo,
-    QuantizedLinear,
-    Quantizer,
-    Variant,
-    module_features,
-    module_kind,
-)
-from .errors import AdapterhubError, ModuleTypeError, NotMergeableError, ParamError, PluginError
-from .hookspecs import hookimpl, hookspec
-from .manager import BUILTIN_PLUGINS, Registry, get_registry, registry_with, reset_registry
-from .params import ParamInfo, bind, describe, param, to_dict
+Names are imported lazily: ``adapterhub.registry.params`` and ``.errors`` need no torch, so the
+language (``adapterhub.dsl``) can be used without importing it.
+"""
 
-__all__ = [
-    "KINDS", "AdapterLayer", "Alias", "ApplyContext", "MergeMethod", "ModuleInfo", "QuantizedLinear",
-    "Quantizer", "Variant", "module_features", "module_kind", "AdapterhubError", "ModuleTypeError",
-    "NotMergeableError", "ParamError", "PluginError", "hookimpl", "hookspec", "BUILTIN_PLUGINS",
-    "Registry", "get_registry", "registry_with", "reset_registry", "ParamInfo", "bind", "describe",
-    "param", "to_dict",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    **dict.fromkeys(["KINDS", "AdapterLayer", "Alias", "ApplyContext", "MergeMethod", "ModuleInfo",
+                     "QuantizedLinear", "Quantizer", "Variant", "module_features", "module_kind"], "base"),
+    **dict.fromkeys(["AdapterhubError", "ModuleTypeError", "NotMergeableError", "ParamError", "PluginError"],
+                    "errors"),
+    **dict.fromkeys(["hookimpl", "hookspec"], "hookspecs"),
+    **dict.fromkeys(["BUILTIN_PLUGINS", "Registry", "get_registry", "registry_with", "reset_registry"], "manager"),
+    **dict.fromkeys(["ParamInfo", "bind", "describe", "param", "to_dict"], "params"),
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'adapterhub.registry' has no attribute '{name}'")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
