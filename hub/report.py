@@ -38,18 +38,31 @@ def _ranges(indices: Iterable[int]) -> str:
     return "[" + ",".join(parts) + "]"
 
 
+def _call(name: str, params: dict, table: dict) -> str:
+    """``name(k=v, ...)`` with only the arguments that differ from the plugin's defaults."""
+    from adapterhub.registry import to_dict
+
+    plugin = table.get(name)
+    defaults = to_dict(plugin.Params()) if plugin is not None else {}
+    args = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+                     for k, v in params.items() if defaults.get(k, object()) != v)
+    return f"{name}({args})" if args else name
+
+
 def _describe(e: PlanEntry) -> str:
     if e.action != "variant":
         return e.action
-    args = ", ".join(f"{k}={v}" for k, v in e.params.items())
-    return f"{e.variant}({args})"
+    from adapterhub.registry import get_registry
+
+    return _call(e.variant, e.params, get_registry().variants)
 
 
 def _quant(e: PlanEntry) -> str:
     if not e.quant:
         return ""
-    args = ", ".join(f"{k}={v}" for k, v in e.quant_params.items())
-    return f"{e.quant}({args})" if args else e.quant
+    from adapterhub.registry import get_registry
+
+    return _call(e.quant, e.quant_params, get_registry().quantizers)
 
 
 def grouped_rows(plan: Plan) -> list[tuple[str, str, str, int, str, int]]:

@@ -33,3 +33,18 @@ def test_fingerprint_ignores_adapters_and_quantization(tiny_llama):
     before = model_fingerprint(tiny_llama)
     adapterhub.apply(tiny_llama, "attn.* -> lora(r=4) on nf4")
     assert model_fingerprint(tiny_llama) == before
+
+
+def test_hub_id_resolves_through_the_local_hf_cache(tmp_path, monkeypatch, tiny_llama):
+    import huggingface_hub.constants as hfc
+
+    snapshot = tmp_path / "models--acme--tiny" / "snapshots" / ("a" * 40)
+    tiny_llama.save_pretrained(snapshot)
+    (tmp_path / "models--acme--tiny" / "refs").mkdir()
+    (tmp_path / "models--acme--tiny" / "refs" / "main").write_text("a" * 40)
+    monkeypatch.setattr(hfc, "HF_HUB_CACHE", str(tmp_path))
+    src = resolve_source("acme/tiny")
+    assert src.kind == "hub" and src.path == snapshot
+    p = adapterhub.plan("acme/tiny", "attn.* -> lora(r=2)")
+    assert p.model == "acme/tiny" and len(p.entries) == 16
+    assert torch.equal(load_model("acme/tiny").lm_head.weight, tiny_llama.lm_head.weight)
