@@ -19,6 +19,8 @@ def structure(model: nn.Module) -> list[str]:
 
     def walk(prefix: str, mod: nn.Module) -> None:
         if isinstance(mod, AdapterLayer):
+            if mod.attached:  # sits beside its target; not part of the base model
+                return
             mod = mod.base_layer
         if isinstance(mod, QuantizedLinear):
             out.append(f"{prefix}:{mod.in_features}x{mod.out_features}")

@@ -158,6 +158,7 @@ def module_infos(model: nn.Module, dtype: torch.dtype | None = None) -> list[Mod
     """
     seen: set[int] = set()
     infos: list[ModuleInfo] = []
+    dims = attention_dims(getattr(model, "config", None))
     stack: list[tuple[str, nn.Module]] = [("", model)]
     while stack:
         name, mod = stack.pop()
@@ -176,12 +177,34 @@ def module_infos(model: nn.Module, dtype: torch.dtype | None = None) -> list[Mod
             own_params=sum(p.numel() for p in own), weight_bytes=wbytes,
             dtype=str(wdtype).removeprefix("torch.") if wdtype is not None else None, is_leaf=is_leaf,
             quantized=getattr(mod, "quantizer", None) if isinstance(mod, QuantizedLinear) else None,
-            tied_params=tied))
+            tied_params=tied, extra=_container_extra(kind, mod, dims)))
         if not is_leaf:
             children = list(mod.named_children())
             for child_name, child in reversed(children):
                 stack.append((f"{name}.{child_name}" if name else child_name, child))
     return infos
+
+
+def attention_dims(cfg: Any) -> dict[str, int]:
+    """``hidden_size``, ``num_heads``, ``num_kv_heads``, ``head_dim`` of a transformers config."""
+    if cfg is None:
+        return {}
+    get = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    hidden = getattr(get, "hidden_size", None) or getattr(get, "n_embd", None)
+    heads = getattr(get, "num_attention_heads", None) or getattr(get, "n_head", None)
+    if not hidden or not heads:
+        return {}
+    kv = getattr(get, "num_key_value_heads", None) or heads
+    head_dim = getattr(get, "head_dim", None) or hidden // heads
+    return {"hidden_size": hidden, "num_heads": heads, "num_kv_heads": kv, "head_dim": head_dim}
+
+
+def _container_extra(kind: str, mod: nn.Module, dims: dict[str, int]) -> dict[str, int]:
+    if kind == "blocks":
+        return {"num_blocks": len(mod), **dims}
+    if kind == "attention":
+        return dict(dims)
+    return {}
 
 
 def _config_dtype(cfg: Any) -> torch.dtype:

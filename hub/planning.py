@@ -15,6 +15,7 @@ from typing import Any
 
 from adapterhub.dsl import BoundRule, Spec, SurgeryError, bind_spec, compile_pattern, load_spec, nearest
 from adapterhub.registry import AdapterhubError, ModuleInfo, Registry, get_registry, to_dict
+from adapterhub.registry.base import LEAF_KINDS
 
 
 @dataclass
@@ -85,9 +86,13 @@ class Plan:
 # --------------------------------------------------------------------------- resolution
 
 
+def _targets_containers(br: BoundRule) -> bool:
+    return br.variant is not None and any(k not in LEAF_KINDS for k in br.variant.kinds)
+
+
 def _eligible(br: BoundRule, info: ModuleInfo) -> bool:
     if not info.is_leaf:
-        return False
+        return _targets_containers(br) and info.kind in br.variant.kinds
     kind = br.rule.action.kind
     if kind == "skip":
         return True
@@ -123,7 +128,7 @@ def resolve(spec: Spec, infos: Sequence[ModuleInfo], registry: Registry | None =
             hint = ("nearest module names: " + ", ".join(close)) if close else None
             raise _error(spec, br.rule.pattern.pos,
                          f"pattern '{br.rule.pattern.text}' matches no module of {model_name}", hint)
-        hit = []
+        hit = [by_name[n] for n in sorted(matched) if _targets_containers(br) and by_name[n].kind in br.variant.kinds]
         for leaf in leaves:
             name = leaf.name
             if name not in matched:

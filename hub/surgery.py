@@ -71,7 +71,7 @@ def apply(model: nn.Module, spec: Any, *, registry: Registry | None = None, seed
     train_modules = []
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        for entry in the_plan.entries:
+        for entry in reversed(the_plan.entries):  # deepest first: wrapping a container renames its leaves
             if entry.action == "skip":
                 continue
             br = by_index[entry.rule_index]
@@ -84,7 +84,12 @@ def apply(model: nn.Module, spec: Any, *, registry: Registry | None = None, seed
                 if not isinstance(layer, AdapterLayer):
                     raise AdapterhubError(f"variant {br.variant.name} returned {type(layer).__name__}, "
                                           "not an AdapterLayer")
-                _replace(model, entry.module, layer)
+                if br.variant.attach:
+                    parent_name, _, child = entry.module.rpartition(".")
+                    parent = model.get_submodule(parent_name) if parent_name else model
+                    parent.add_module(f"{child}_{br.variant.name}", layer)
+                else:
+                    _replace(model, entry.module, layer)
             elif entry.action == "train":
                 train_modules.append(module)
     for p in model.parameters():

@@ -10,7 +10,7 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    **dict.fromkeys(["KINDS", "AdapterLayer", "Alias", "ApplyContext", "MergeMethod", "ModuleInfo",
+    **dict.fromkeys(["KINDS", "LEAF_KINDS", "AdapterLayer", "Alias", "ApplyContext", "MergeMethod", "ModuleInfo",
                      "QuantizedLinear", "Quantizer", "Variant", "module_features", "module_kind"], "base"),
     **dict.fromkeys(["AdapterhubError", "ModuleTypeError", "NotMergeableError", "ParamError", "PluginError"],
                     "errors"),

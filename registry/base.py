@@ -10,6 +10,7 @@ Weight layout convention: a *Linear-like* module computes ``y = x W^T + b`` with
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -22,15 +23,32 @@ from .errors import ModuleTypeError, NotMergeableError
 KINDS = ("linear", "conv1d", "embedding")
 
 
+ATTENTION_CHILDREN = ("self_attn", "attn", "attention")
+
+
 def module_kind(module: nn.Module) -> str:
-    """``linear`` (incl. quantized linears), ``conv1d`` (GPT-2), ``embedding`` or ``other``."""
+    """The kind a variant can target.
+
+    Leaves: ``linear`` (incl. quantized linears), ``conv1d`` (GPT-2), ``embedding``.
+    Containers: ``attention`` (a module whose class name ends in ``Attention``), ``blocks`` (a
+    ``ModuleList`` of transformer blocks, each with a ``self_attn``/``attn``/``attention`` child).
+    Anything else is ``other``.
+    """
     if isinstance(module, (nn.Linear, QuantizedLinear)):
         return "linear"
     if isinstance(module, nn.Embedding):
         return "embedding"
     if type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None:
         return "conv1d"
+    if type(module).__name__.endswith("Attention") and any(True for _ in module.children()):
+        return "attention"
+    if isinstance(module, nn.ModuleList) and len(module) > 0 and all(
+            any(hasattr(block, c) for c in ATTENTION_CHILDREN) for block in module):
+        return "blocks"
     return "other"
+
+
+LEAF_KINDS = ("linear", "conv1d", "embedding")
 
 
 def module_features(module: nn.Module) -> tuple[int | None, int | None]:
@@ -60,6 +78,9 @@ class ModuleInfo:
     is_leaf: bool
     quantized: str | None = None  # quantizer name if already quantized
     tied_params: int = 0  # parameters it holds that another module owns (tied embeddings)
+    #: facts about containers: ``num_blocks`` for ``blocks``; for ``attention``/``blocks`` the
+    #: model's ``hidden_size``, ``num_heads``, ``num_kv_heads``, ``head_dim`` when known
+    extra: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     @property
     def depth(self) -> int:
@@ -135,10 +156,16 @@ class AdapterLayer(nn.Module):
     #: True when delta_weight() reads the base weight (DoRA): merge caches it for unmerge.
     delta_reads_base: ClassVar[bool] = False
 
-    def __init__(self, base_layer: nn.Module):
+    def __init__(self, base_layer: nn.Module, attached: bool = False):
         super().__init__()
         kind = module_kind(base_layer)
-        self.base_layer = base_layer
+        #: attached layers (``Variant.attach``) sit beside their target instead of wrapping it;
+        #: the target is then kept out of this module's children (and out of its state dict).
+        self.attached = attached
+        if attached:
+            self.__dict__["base_layer"] = base_layer
+        else:
+            self.base_layer = base_layer
         self.kind = kind
         self.in_features, self.out_features = module_features(base_layer)
         self.merged = False
@@ -245,6 +272,13 @@ class Variant:
     kinds     -- module kinds it wraps (``linear``, ``conv1d``, ``embedding``)
     summary   -- one line of what it does; ``paper`` -- citation (title, arXiv id)
     mergeable -- whether ``delta_weight`` exists
+    attach    -- False: ``wrap`` returns a layer that *replaces* the module (it holds it as
+                 ``base_layer``). True: the layer (built with ``attached=True``) is added *beside*
+                 the module, as ``<module>_<variant>`` under the same parent, and works through
+                 hooks (prefix tuning on ``blocks``); module names stay unchanged.
+
+    Container kinds (``attention``, ``blocks``) in ``kinds`` make a matched container itself the
+    target instead of standing for its leaves.
     """
 
     name: ClassVar[str] = ""
@@ -253,6 +287,7 @@ class Variant:
     summary: ClassVar[str] = ""
     paper: ClassVar[str] = ""
     mergeable: ClassVar[bool] = True
+    attach: ClassVar[bool] = False
 
     def check_module(self, info: ModuleInfo) -> None:
         """Raise :class:`ModuleTypeError` if this variant cannot wrap the module."""

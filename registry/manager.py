@@ -25,14 +25,17 @@ from .errors import PluginError
 
 ENTRY_POINT_GROUP = "adapterhub"
 
-BUILTIN_PLUGINS = (
-    "adapterhub.plugins.aliases",
-    "adapterhub.plugins.lora",
-    "adapterhub.plugins.nf4",
-    "adapterhub.plugins.fp4",
-    "adapterhub.plugins.int8",
-    "adapterhub.plugins.merge_linear",
-)
+def _builtin_plugins() -> tuple[str, ...]:
+    """Every public module of ``adapterhub.plugins`` (``_private`` ones are helpers), sorted."""
+    import pkgutil
+
+    import adapterhub.plugins as pkg
+
+    return tuple(f"{pkg.__name__}.{m.name}" for m in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda m: m.name)
+                 if not m.name.startswith("_"))
+
+
+BUILTIN_PLUGINS = _builtin_plugins()
 
 
 @dataclass

@@ -7,6 +7,10 @@ import os
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the network
+# Triton kernels are correctness-tested on CPU through the interpreter; this must be set before
+# any kernel module is imported (it decides how @triton.jit builds kernels).
+if os.environ.get("ADAPTERHUB_TEST_TRITON_GPU") != "1":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
