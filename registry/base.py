@@ -9,8 +9,8 @@ Weight layout convention: a *Linear-like* module computes ``y = x W^T + b`` with
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
