@@ -155,6 +155,14 @@ def resolve(spec: Spec, infos: Sequence[ModuleInfo], registry: Registry | None =
     entries = [_entry(by_name[name], bound[i]) for name, i in winner.items()]
     order = {i.name: k for k, i in enumerate(infos)}
     entries.sort(key=lambda e: order[e.module])
+    shared_seen: set[str] = set()
+    for e in entries:  # tensors shared across modules count once, on the first module using them
+        br = bound[e.rule_index]
+        if e.action == "variant":
+            for key, numel in br.variant.shared_trainable_params(br.params, by_name[e.module]).items():
+                if key not in shared_seen:
+                    shared_seen.add(key)
+                    e.trainable += numel
     total_params = sum(i.own_params for i in infos)
     total_bytes = sum(i.weight_bytes for i in infos)
     return Plan(model_name, spec, entries, total_params, total_bytes, warnings, bound)

@@ -298,8 +298,17 @@ class Variant:
                 f"(it wraps: {supported})")
 
     def trainable_params(self, params: Any, info: ModuleInfo) -> int:
-        """How many trainable parameters wrapping ``info`` adds (for ``plan``, without building)."""
+        """How many trainable parameters wrapping ``info`` adds (for ``plan``, without building),
+        not counting tensors shared with other modules (see :meth:`shared_trainable_params`)."""
         raise NotImplementedError
+
+    def shared_trainable_params(self, params: Any, info: ModuleInfo) -> dict[str, int]:
+        """Trainable tensors this module shares with others of the same apply, as ``{key: numel}``.
+
+        Use the same key as ``ApplyContext.share``; ``plan`` counts each key once (on the first
+        module that uses it). Tied-LoRA's tied A and B are the example; the default is none.
+        """
+        return {}
 
     def wrap(self, module: nn.Module, params: Any, ctx: ApplyContext, name: str) -> AdapterLayer:
         """Build the adapter layer around ``module`` (the full module name is ``name``)."""

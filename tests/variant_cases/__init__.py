@@ -37,6 +37,8 @@ class VariantCase:
                   (shared tensors: count them once per apply, see ``count_model``).
     count_model -- optional ``count_model(model) -> int`` replacing the per-layer sum (tied tensors).
     equals_base_at_init -- outputs equal the base model's right after apply.
+    base_spec  -- family -> a spec that builds the model to compare with at init when the base
+                  itself changes (``mlp.* -> freeze on nf4`` for a case that adapts an nf4 base).
     mergeable  -- merge/unmerge tests run.
     perturb    -- optional ``perturb(layer, generator)``: make the adapter non-trivial; default adds
                   N(0, 0.1) noise to every trainable tensor.
@@ -59,6 +61,7 @@ class VariantCase:
     unsupported: dict[str, str] = field(default_factory=dict)
     input: Callable[[Any, torch.Generator], torch.Tensor] | None = None
     atol: float = 1e-5
+    base_spec: dict[str, str] = field(default_factory=dict)
     id: str = ""
 
     def __post_init__(self) -> None:
