@@ -202,6 +202,11 @@ class AdapterLayer(nn.Module):
         """``W_merged - W_base`` in the base module's layout. Raises if the variant has none."""
         raise NotMergeableError(f"{self.variant or type(self).__name__} has no weight-space form and cannot be merged")
 
+    def delta_bias(self) -> torch.Tensor | None:
+        """``b_merged - b_base`` when the variant also changes the bias (IA3 on a biased layer,
+        GLoRA), else ``None``. Compose, export and streaming merge read it beside ``delta_weight``."""
+        return None
+
     def merge(self) -> None:
         """Fold the update into the base weight; forward then runs the base layer only."""
         if self.merged:

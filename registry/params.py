@@ -62,7 +62,7 @@ def type_name(tp: Any, meta: Any = None) -> str:
     if origin is Literal:
         return "one of " + ", ".join(str(a) for a in get_args(tp))
     if origin in (Union, types.UnionType):
-        return " or ".join(type_name(a) for a in get_args(tp) if a is not type(None))
+        return " or ".join(type_name(a, meta) for a in get_args(tp) if a is not type(None))
     if origin in (list, tuple):
         args = get_args(tp)
         return f"list of {type_name(args[0])}" if args else "list"
@@ -74,7 +74,9 @@ def type_name(tp: Any, meta: Any = None) -> str:
 
 def _fail(name: str, tp: Any, meta: Any, value: Any) -> ParamError:
     shown = repr(value) if not isinstance(value, bool) else str(value).lower()
-    return ParamError(f"{name} must be a {type_name(tp, meta)}, got {shown}", param=name)
+    what = type_name(tp, meta)
+    article = "an" if what[:1] in "aeiou" else "a"
+    return ParamError(f"{name} must be {article} {what}, got {shown}", param=name)
 
 
 def coerce(name: str, tp: Any, meta: Any, value: Any) -> Any:
@@ -92,13 +94,16 @@ def coerce(name: str, tp: Any, meta: Any, value: Any) -> Any:
     if origin in (Union, types.UnionType):
         if value is None and type(None) in get_args(tp):
             return None
+        errors = []
         for arg in get_args(tp):
             if arg is type(None):
                 continue
             try:
                 return coerce(name, arg, meta, value)
-            except ParamError:
-                continue
+            except ParamError as exc:
+                errors.append(exc)
+        if len(errors) == 1:  # `int | None`: the int's own message, range included
+            raise errors[0]
         raise _fail(name, tp, meta, value)
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
