@@ -158,7 +158,10 @@ def module_infos(model: nn.Module, dtype: torch.dtype | None = None) -> list[Mod
     """
     seen: set[int] = set()
     infos: list[ModuleInfo] = []
-    dims = attention_dims(getattr(model, "config", None))
+    dims: dict[str, Any] = dict(attention_dims(getattr(model, "config", None)))
+    causal = is_causal_lm(model)
+    if causal is not None:
+        dims["causal"] = causal
     stack: list[tuple[str, nn.Module]] = [("", model)]
     while stack:
         name, mod = stack.pop()
@@ -199,10 +202,26 @@ def attention_dims(cfg: Any) -> dict[str, int]:
     return {"hidden_size": hidden, "num_heads": heads, "num_kv_heads": kv, "head_dim": head_dim}
 
 
-def _container_extra(kind: str, mod: nn.Module, dims: dict[str, int]) -> dict[str, int]:
+def is_causal_lm(model: nn.Module) -> bool | None:
+    """Whether ``model`` is a decoder-only (causal) language model; None when unknown."""
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        return None
+    if getattr(cfg, "is_encoder_decoder", False):
+        return False
+    name = type(model).__name__
+    if name.endswith(("ForCausalLM", "LMHeadModel")) or getattr(cfg, "is_decoder", False):
+        return True
+    archs = getattr(cfg, "architectures", None) or []
+    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+        return True
+    return False
+
+
+def _container_extra(kind: str, mod: nn.Module, dims: dict[str, Any]) -> dict[str, Any]:
     if kind == "blocks":
         return {"num_blocks": len(mod), **dims}
-    if kind == "attention":
+    if kind in ("attention", "embedding"):
         return dict(dims)
     return {}
 

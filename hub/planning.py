@@ -14,7 +14,15 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from adapterhub.dsl import BoundRule, Spec, SurgeryError, bind_spec, compile_pattern, load_spec, nearest
-from adapterhub.registry import AdapterhubError, ModuleInfo, Registry, get_registry, to_dict
+from adapterhub.registry import (
+    AdapterhubError,
+    ModuleInfo,
+    ModuleTypeError,
+    ParamError,
+    Registry,
+    get_registry,
+    to_dict,
+)
 from adapterhub.registry.base import LEAF_KINDS
 
 
@@ -152,7 +160,12 @@ def resolve(spec: Spec, infos: Sequence[ModuleInfo], registry: Registry | None =
                             f"it matches is taken by later rules (line{'s' if len(later) > 1 else ''} "
                             f"{', '.join(map(str, later))})")
 
-    entries = [_entry(by_name[name], bound[i]) for name, i in winner.items()]
+    entries = []
+    for name, i in winner.items():
+        try:
+            entries.append(_entry(by_name[name], bound[i]))
+        except (ModuleTypeError, ParamError) as exc:  # e.g. prefix tuning on an encoder model
+            raise _error(spec, bound[i].rule.action.pos, str(exc)) from None
     order = {i.name: k for k, i in enumerate(infos)}
     entries.sort(key=lambda e: order[e.module])
     shared_seen: set[str] = set()

@@ -167,3 +167,10 @@ def test_plan_api_accepts_builtin_names_and_spec_files(tmp_path):
     spec.write_text("attn.* -> lora(r=4)\n")
     p = adapterhub.plan("tiny-gpt2", spec)
     assert p.spec.filename == str(spec) and len(p.entries) == 8
+
+
+@pytest.mark.parametrize("spec", ["layers -> prefix(tokens=4)", "embed -> prompt(tokens=4)"])
+def test_decoder_only_variants_are_refused_on_an_encoder_at_plan_time(spec):
+    with pytest.raises(SurgeryError) as exc:
+        plan("tiny-bert", spec)
+    assert "decoder (causal) language models" in exc.value.message and exc.value.line == 1
