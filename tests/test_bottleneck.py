@@ -172,8 +172,9 @@ def test_size_and_reduction_factor_are_exclusive():
 def test_reduction_factor_leaving_nothing_names_the_module():
     with pytest.raises(ParamError, match=r"'model\.layer'.*reduction_factor=16.*10 output features"):
         wrap(make_base("linear"), reduction_factor=16)
-    with pytest.raises(ParamError, match="reduction_factor=128"):
+    with pytest.raises(adapterhub.SurgeryError, match="reduction_factor=128") as exc:  # located at the action
         adapterhub.plan("tiny-llama", "attn.o_proj -> bottleneck(reduction_factor=128)")
+    assert (exc.value.line, exc.value.column) == (1, 16)
 
 
 @pytest.mark.parametrize("bad, match", [({"size": 0}, "size must be a positive int"),
