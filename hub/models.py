@@ -329,3 +329,35 @@ def safetensors_infos(path: Path) -> list[ModuleInfo]:
     containers = sorted({m.rsplit(".", k)[0] for m in modules for k in range(1, m.count(".") + 1)} - set(modules))
     infos += [ModuleInfo(c, "Module", "other", None, None, 0, 0, None, False) for c in containers]
     return infos
+
+
+def module_weight_loader(model: nn.Module):
+    """``load(name) -> out x in weight`` of a live model's module (dequantized, Conv1D transposed)."""
+    def load(name: str) -> torch.Tensor:
+        mod = model.get_submodule(name)
+        if isinstance(mod, AdapterLayer):
+            return mod.base_weight().detach()
+        if isinstance(mod, QuantizedLinear):
+            return mod.dequantize()
+        w = mod.weight.detach()
+        if w.is_meta:
+            raise AdapterhubError(f"module '{name}' has no weights (meta device)")
+        return w.t() if _kind(mod) in ("conv1d", "embedding") else w
+    return load
+
+
+def safetensors_weight_loader(path: str | Path):
+    """``load(name) -> out x in weight`` read from a checkpoint's safetensors (one tensor at a time)."""
+    files = sorted(Path(path).glob("*.safetensors"))
+
+    def load(name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        key = f"{name}.weight"
+        for file in files:
+            with safe_open(str(file), framework="pt") as f:
+                if key in f.keys():
+                    return f.get_tensor(key)
+        raise AdapterhubError(f"no tensor '{key}' in the safetensors files of '{path}' (the weights are needed "
+                              "to choose per-matrix quantization)")
+    return load

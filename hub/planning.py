@@ -9,8 +9,9 @@ by later rules is reported as shadowed (a warning).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from typing import Any
 
 from adapterhub.dsl import BoundRule, Spec, SurgeryError, bind_spec, compile_pattern, load_spec, nearest
@@ -19,7 +20,9 @@ from adapterhub.registry import (
     ModuleInfo,
     ModuleTypeError,
     ParamError,
+    Quantizer,
     Registry,
+    bind,
     get_registry,
     to_dict,
 )
@@ -117,8 +120,12 @@ def _error(spec: Spec, pos: Any, message: str, hint: str | None = None) -> Surge
 
 
 def resolve(spec: Spec, infos: Sequence[ModuleInfo], registry: Registry | None = None,
-            model_name: str = "model") -> Plan:
-    """Resolve ``spec`` against the modules ``infos`` (from ``module_infos``/``checkpoint_infos``)."""
+            model_name: str = "model", weights: Callable[[str], Any] | None = None) -> Plan:
+    """Resolve ``spec`` against the modules ``infos`` (from ``module_infos``/``checkpoint_infos``).
+
+    ``weights(name)`` loads a module's weight (``out x in``) for quantizers that allocate
+    per-module parameters from the weights (``Quantizer.allocate``); it is never called otherwise.
+    """
     registry = registry or get_registry()
     bound = bind_spec(spec, registry)
     aliases = registry.alias_table()
@@ -160,10 +167,11 @@ def resolve(spec: Spec, infos: Sequence[ModuleInfo], registry: Registry | None =
                             f"it matches is taken by later rules (line{'s' if len(later) > 1 else ''} "
                             f"{', '.join(map(str, later))})")
 
+    overrides = _allocate(spec, bound, winner, by_name, weights)
     entries = []
     for name, i in winner.items():
         try:
-            entries.append(_entry(by_name[name], bound[i]))
+            entries.append(_entry(by_name[name], bound[i], overrides.get(name)))
         except (ModuleTypeError, ParamError) as exc:  # e.g. prefix tuning on an encoder model
             raise _error(spec, bound[i].rule.action.pos, str(exc)) from None
     order = {i.name: k for k, i in enumerate(infos)}
@@ -204,20 +212,46 @@ def _no_eligible(spec: Spec, br: BoundRule, hit: list[ModuleInfo]) -> SurgeryErr
                   f"types: {', '.join(types)})")
 
 
-def _entry(info: ModuleInfo, br: BoundRule) -> PlanEntry:
+def _allocate(spec: Spec, bound: Sequence[BoundRule], winner: dict[str, int], by_name: dict[str, ModuleInfo],
+              weights: Callable[[str], Any] | None) -> dict[str, dict[str, Any]]:
+    """Per-module quantizer parameters from quantizers that allocate (LQ-LoRA's bits budget)."""
+    out: dict[str, dict[str, Any]] = {}
+    for br in bound:
+        q = br.quantizer
+        if q is None or type(q).allocate is Quantizer.allocate:
+            continue
+        names = [n for n, i in winner.items() if i == br.index and by_name[n].kind in q.kinds]
+        if not names:
+            continue
+        if weights is None:
+            raise _error(spec, br.quant.pos, f"{q.name} chooses a configuration per matrix from the weights; "
+                                             "plan on a live model or a checkpoint with its safetensors")
+        try:
+            chosen = q.allocate(br.quant_params, [(by_name[n], partial(weights, n)) for n in names])
+        except (ParamError, AdapterhubError) as exc:
+            raise _error(spec, br.quant.pos, str(exc)) from None
+        for name, values in (chosen or {}).items():
+            out[name] = {**to_dict(br.quant_params), **values}
+    return out
+
+
+def _entry(info: ModuleInfo, br: BoundRule, qoverride: dict[str, Any] | None = None) -> PlanEntry:
     kind = br.rule.action.kind
     trainable, after = 0, info.weight_bytes
     quant = br.quantizer.name if br.quantizer is not None else None
-    qparams = to_dict(br.quant_params) if br.quant_params is not None else {}
+    qparams = qoverride or (to_dict(br.quant_params) if br.quant_params is not None else {})
+    vinfo = info
     if quant is not None and info.kind in br.quantizer.kinds and info.quantized is None:
         n = (info.in_features or 0) * (info.out_features or 0)
         bias_bytes = info.weight_bytes - n * _itemsize(info.dtype)
-        after = math.ceil(n * br.quantizer.bits_per_param(br.quant_params) / 8) + max(bias_bytes, 0)
+        bound_q = bind(br.quantizer.Params, qparams, owner=quant) if qoverride else br.quant_params
+        after = math.ceil(n * br.quantizer.bits_per_param(bound_q) / 8) + max(bias_bytes, 0)
+        vinfo = replace(info, quantized=quant, extra={**info.extra, "quant_params": qparams})
     elif quant is not None:
         quant = None  # e.g. a norm inside a frozen-on-int8 container: frozen, not quantized
         qparams = {}
     if kind == "variant":
-        trainable = br.variant.trainable_params(br.params, info)
+        trainable = br.variant.trainable_params(br.params, vinfo)
     elif kind == "train":
         trainable = info.own_params + info.tied_params
     return PlanEntry(
@@ -240,17 +274,26 @@ def plan(model_or_path: Any, spec: Any, registry: Registry | None = None) -> Pla
     built-in model name or a cached Hub id -- without loading weights for the latter three."""
     from torch import nn
 
-    from .models import BUILTIN_MODELS, build_builtin, checkpoint_infos, module_infos, resolve_source
+    from .models import (
+        BUILTIN_MODELS,
+        build_builtin,
+        checkpoint_infos,
+        module_infos,
+        module_weight_loader,
+        resolve_source,
+        safetensors_weight_loader,
+    )
 
     spec = load_spec(spec)
     if isinstance(model_or_path, nn.Module):
         name = getattr(getattr(model_or_path, "config", None), "_name_or_path", "") or type(model_or_path).__name__
-        return resolve(spec, module_infos(model_or_path), registry, name)
+        return resolve(spec, module_infos(model_or_path), registry, name, module_weight_loader(model_or_path))
     target = str(model_or_path)
     if target in BUILTIN_MODELS:
-        return resolve(spec, module_infos(build_builtin(target)), registry, target)
+        model = build_builtin(target)
+        return resolve(spec, module_infos(model), registry, target, module_weight_loader(model))
     src = resolve_source(target, need_weights=False)
     if src.path is None:
         raise AdapterhubError(f"cannot plan on '{target}'")
     infos, name = checkpoint_infos(src.path)
-    return resolve(spec, infos, registry, name if src.kind == "dir" else target)
+    return resolve(spec, infos, registry, name if src.kind == "dir" else target, safetensors_weight_loader(src.path))

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from adapterhub.dsl import load_spec
-from adapterhub.registry import AdapterhubError, AdapterLayer, ApplyContext, Registry, get_registry
+from adapterhub.registry import AdapterhubError, AdapterLayer, ApplyContext, Registry, bind, get_registry
 
 from .planning import Plan
 from .planning import plan as make_plan
@@ -76,11 +76,16 @@ def apply(model: nn.Module, spec: Any, *, registry: Registry | None = None, seed
                 continue
             br = by_index[entry.rule_index]
             module = model.get_submodule(entry.module)
-            if entry.quant is not None:
-                module = br.quantizer.quantize(module, br.quant_params)
+            qparams = bind(br.quantizer.Params, entry.quant_params, owner=br.quantizer.name) if entry.quant else None
+            joint = entry.quant is not None and entry.action == "variant" and br.variant.owns_quantization
+            if entry.quant is not None and not joint:
+                module = br.quantizer.quantize(module, qparams)
                 _replace(model, entry.module, module)
             if entry.action == "variant":
-                layer = br.variant.wrap(module, br.params, ctx, entry.module)
+                if joint:
+                    layer = br.variant.wrap_quantized(module, br.params, br.quantizer, qparams, ctx, entry.module)
+                else:
+                    layer = br.variant.wrap(module, br.params, ctx, entry.module)
                 if not isinstance(layer, AdapterLayer):
                     raise AdapterhubError(f"variant {br.variant.name} returned {type(layer).__name__}, "
                                           "not an AdapterLayer")

@@ -293,6 +293,10 @@ class Variant:
     paper: ClassVar[str] = ""
     mergeable: ClassVar[bool] = True
     attach: ClassVar[bool] = False
+    #: True for variants whose initialisation must see the full-precision weight and quantize it
+    #: themselves (LoftQ, LQ-LoRA): for ``-> v(...) on q(...)`` the engine then calls
+    #: :meth:`wrap_quantized` with the *unquantized* module instead of quantize-then-wrap.
+    owns_quantization: ClassVar[bool] = False
 
     def check_module(self, info: ModuleInfo) -> None:
         """Raise :class:`ModuleTypeError` if this variant cannot wrap the module."""
@@ -316,7 +320,18 @@ class Variant:
         return {}
 
     def wrap(self, module: nn.Module, params: Any, ctx: ApplyContext, name: str) -> AdapterLayer:
-        """Build the adapter layer around ``module`` (the full module name is ``name``)."""
+        """Build the adapter layer around ``module`` (the full module name is ``name``).
+
+        For a rule with ``on QUANT``, ``module`` is already quantized (a :class:`QuantizedLinear`)
+        unless the variant sets ``owns_quantization``. ``trainable_params`` sees the rule's
+        quantization as ``info.quantized`` and ``info.extra["quant_params"]``.
+        """
+        raise NotImplementedError
+
+    def wrap_quantized(self, module: nn.Module, params: Any, quantizer: Quantizer, quant_params: Any,
+                       ctx: ApplyContext, name: str) -> AdapterLayer:
+        """For ``owns_quantization`` variants: quantize ``module`` (full precision) jointly with the
+        adapter's initialisation and return the adapter layer around the quantized base."""
         raise NotImplementedError
 
 
@@ -341,6 +356,16 @@ class Quantizer:
 
     def quantize(self, module: nn.Module, params: Any) -> QuantizedLinear:
         raise NotImplementedError
+
+    def allocate(self, params: Any, modules: list[tuple[ModuleInfo, Any]]) -> dict[str, dict[str, Any]] | None:
+        """Choose per-module parameters across all modules one rule quantizes (a bits budget).
+
+        ``modules`` holds ``(info, load_weight)`` where ``load_weight()`` returns the module's weight
+        as ``out x in`` (read on demand; planning a checkpoint reads it from safetensors). Return
+        ``{module name: {param: value}}`` overriding the rule's parameters for those modules -- the
+        plan shows them and ``apply`` uses them -- or ``None`` when parameters are not per-module.
+        """
+        return None
 
 
 class MergeMethod:
