@@ -20,6 +20,7 @@ _EXPORTS = {
     "adapter_layers": "adapterhub.surgery",
     "merge": "adapterhub.surgery",
     "unmerge": "adapterhub.surgery",
+    "merge_and_unload": "adapterhub.surgery",
     "trainable_parameters": "adapterhub.surgery",
     "plan": "adapterhub.planning",
     "Plan": "adapterhub.planning",

@@ -124,3 +124,35 @@ def unmerge(model: nn.Module) -> nn.Module:
     for _, layer in adapter_layers(model):
         layer.unmerge()
     return model
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Merge every adapter and put each base layer back in its place: a plain model again.
+
+    Raises :class:`NotMergeableError` (before changing anything) if any adapter cannot merge.
+    Attached adapters are removed after merging; the model no longer counts as adapted.
+    """
+    from adapterhub.registry import NotMergeableError
+
+    layers = list(adapter_layers(model))
+    for name, layer in layers:
+        if not _mergeable(layer):
+            raise NotMergeableError(f"adapter '{name}' ({layer.variant}) cannot be merged into the base weights; "
+                                    "remove it or keep the model unmerged")
+    for name, layer in layers:
+        layer.merge()
+        if layer.attached:
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            delattr(parent, child)
+        else:
+            _replace(model, name, layer.base_layer)
+    model.__dict__.pop("adapterhub", None)
+    return model
+
+
+def _mergeable(layer: AdapterLayer) -> bool:
+    from adapterhub.registry import get_registry
+
+    variant = get_registry().variants.get(layer.variant)
+    return variant.mergeable if variant is not None else True

@@ -122,3 +122,20 @@ def test_apply_accepts_spec_path_and_bad_spec_raises_surgery_error(tmp_path, tin
         adapterhub.apply(tiny_llama, bad)
     assert str(exc.value).startswith(f"{bad}:1:")
     assert "r must be a positive int, got 'eight'" in str(exc.value)
+
+
+def test_merge_and_unload_gives_a_plain_model_with_the_same_outputs(tiny_llama, ids):
+    adapterhub.apply(tiny_llama, "attn.* -> lora(r=4)\nmlp.* -> lora(r=2) on nf4")
+    randomize_adapters(tiny_llama)
+    out = logits(tiny_llama, ids)
+    adapterhub.merge_and_unload(tiny_llama)
+    assert not list(adapterhub.adapter_layers(tiny_llama))
+    assert type(tiny_llama.model.layers[0].self_attn.q_proj) is torch.nn.Linear
+    assert torch.allclose(logits(tiny_llama, ids), out, atol=1e-4)
+
+
+def test_merge_and_unload_refuses_unmergeable_adapters_before_changing_anything(tiny_llama):
+    adapterhub.apply(tiny_llama, "attn.* -> lora(r=4)\nmlp.down_proj -> bottleneck(size=4)")
+    with pytest.raises(adapterhub.AdapterhubError, match="cannot be merged"):
+        adapterhub.merge_and_unload(tiny_llama)
+    assert not any(layer.merged for _, layer in adapterhub.adapter_layers(tiny_llama))
