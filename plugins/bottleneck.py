@@ -68,7 +68,6 @@ from adapterhub.registry import (
     Variant,
     hookimpl,
     module_features,
-    module_kind,
     param,
 )
 
@@ -199,10 +198,7 @@ class Bottleneck(Variant):
         return 2 * m * d + m + d
 
     def wrap(self, module: nn.Module, params: BottleneckParams, ctx: ApplyContext, name: str) -> BottleneckLayer:
-        kind = module_kind(module)
-        if kind not in self.kinds:
-            raise ModuleTypeError(f"bottleneck cannot wrap module '{name}' of type {type(module).__name__} "
-                                  f"(it wraps: {', '.join(sorted(self.kinds))})")
+        self.check_wrappable(module, name)
         _, out_features = module_features(module)
         return BottleneckLayer(module, size=bottleneck_size(params, out_features, name), act=params.act,
                                init=params.init, init_std=params.init_std)

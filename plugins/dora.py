@@ -53,7 +53,6 @@ from adapterhub.registry import (
     ModuleTypeError,
     Variant,
     hookimpl,
-    module_kind,
 )
 
 try:
@@ -238,10 +237,7 @@ class Dora(Variant):
         return params.r * (info.in_features + info.out_features) + info.out_features
 
     def wrap(self, module: nn.Module, params: DoraParams, ctx: ApplyContext, name: str) -> DoraLayer:
-        kind = module_kind(module)
-        if kind not in self.kinds:
-            raise ModuleTypeError(f"dora cannot wrap module '{name}' of type {type(module).__name__} "
-                                  f"(it wraps: {', '.join(sorted(self.kinds))})")
+        self.check_wrappable(module, name)
         return DoraLayer(module, r=params.r, alpha=params.alpha, dropout=params.dropout,
                          rslora=params.rslora, init=params.init)
 

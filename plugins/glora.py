@@ -60,7 +60,6 @@ from adapterhub.registry import (
     QuantizedLinear,
     Variant,
     hookimpl,
-    module_kind,
     param,
 )
 
@@ -338,10 +337,7 @@ class Glora(Variant):
         return config_size(params.config(), info.in_features, info.out_features, params.r, info_has_bias(info))
 
     def wrap(self, module: nn.Module, params: GloraParams, ctx: ApplyContext, name: str) -> GloraLayer:
-        kind = module_kind(module)
-        if kind not in self.kinds:
-            raise ModuleTypeError(f"glora cannot wrap module '{name}' of type {type(module).__name__} "
-                                  f"(it wraps: {', '.join(sorted(self.kinds))})")
+        self.check_wrappable(module, name)
         return GloraLayer(module, params)
 
 

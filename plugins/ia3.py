@@ -56,7 +56,6 @@ from adapterhub.registry import (
     QuantizedLinear,
     Variant,
     hookimpl,
-    module_kind,
     param,
 )
 
@@ -240,10 +239,7 @@ class IA3(Variant):
         return info.in_features if params.feedforward else info.out_features
 
     def wrap(self, module: nn.Module, params: IA3Params, ctx: ApplyContext, name: str) -> IA3Layer:
-        kind = module_kind(module)
-        if kind not in self.kinds:
-            raise ModuleTypeError(f"ia3 cannot wrap module '{name}' of type {type(module).__name__} "
-                                  f"(it wraps: {', '.join(sorted(self.kinds))})")
+        self.check_wrappable(module, name)
         return IA3Layer(module, feedforward=params.feedforward)
 
 

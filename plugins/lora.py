@@ -39,7 +39,6 @@ from adapterhub.registry import (
     QuantizedLinear,
     Variant,
     hookimpl,
-    module_kind,
     param,
 )
 
@@ -174,10 +173,7 @@ class Lora(Variant):
         return params.r * (info.in_features + info.out_features)
 
     def wrap(self, module: nn.Module, params: LoraParams, ctx: ApplyContext, name: str) -> LoraLayer:
-        kind = module_kind(module)
-        if kind not in self.kinds:
-            raise ModuleTypeError(f"lora cannot wrap module '{name}' of type {type(module).__name__} "
-                                  f"(it wraps: {', '.join(sorted(self.kinds))})")
+        self.check_wrappable(module, name)
         return LoraLayer(module, r=params.r, alpha=params.alpha, dropout=params.dropout,
                          rslora=params.rslora, init=params.init)
 

@@ -152,10 +152,7 @@ class LoraFA(Variant):
         return params.r * info.out_features
 
     def wrap(self, module: nn.Module, params: LoraFAParams, ctx: ApplyContext, name: str) -> LoraFALayer:
-        kind = module_kind(module)
-        if kind not in self.kinds:
-            raise ModuleTypeError(f"lora_fa cannot wrap module '{name}' of type {type(module).__name__} "
-                                  f"(it wraps: {', '.join(sorted(self.kinds))})")
+        self.check_wrappable(module, name)
         return LoraFALayer(module, r=params.r, alpha=params.alpha, rslora=params.rslora, init=params.init)
 
 

@@ -47,7 +47,6 @@ from adapterhub.registry import (
     ParamError,
     Variant,
     hookimpl,
-    module_kind,
     param,
 )
 
@@ -151,10 +150,7 @@ class MultiLora(Variant):
         return params.n * (params.r * (info.in_features + info.out_features) + info.out_features)
 
     def wrap(self, module: nn.Module, params: MultiLoraParams, ctx: ApplyContext, name: str) -> MultiLoraLayer:
-        kind = module_kind(module)
-        if kind not in self.kinds:
-            raise ModuleTypeError(f"multilora cannot wrap module '{name}' of type {type(module).__name__} "
-                                  f"(it wraps: {', '.join(sorted(self.kinds))})")
+        self.check_wrappable(module, name)
         return MultiLoraLayer(module, n=params.n, r=params.r, alpha=params.alpha, dropout=params.dropout)
 
 

@@ -54,7 +54,6 @@ from adapterhub.registry import (
     Variant,
     hookimpl,
     module_features,
-    module_kind,
     param,
 )
 
@@ -206,10 +205,7 @@ class TiedLora(Variant):
         return {self.tie_key(params, info.in_features, info.out_features): n} if n else {}
 
     def wrap(self, module: nn.Module, params: TiedLoraParams, ctx: ApplyContext, name: str) -> TiedLoraLayer:
-        kind = module_kind(module)
-        if kind not in self.kinds:
-            raise ModuleTypeError(f"tied_lora cannot wrap module '{name}' of type {type(module).__name__} "
-                                  f"(it wraps: {', '.join(sorted(self.kinds))})")
+        self.check_wrappable(module, name)
         in_f, out_f = module_features(module)
         created: list[bool] = []
 

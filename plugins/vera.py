@@ -45,7 +45,6 @@ from adapterhub.registry import (
     ParamError,
     Variant,
     hookimpl,
-    module_kind,
     param,
 )
 
@@ -191,10 +190,7 @@ class Vera(Variant):
         return params.r + info.out_features
 
     def wrap(self, module: nn.Module, params: VeraParams, ctx: ApplyContext, name: str) -> VeraLayer:
-        kind = module_kind(module)
-        if kind not in self.kinds:
-            raise ModuleTypeError(f"vera cannot wrap module '{name}' of type {type(module).__name__} "
-                                  f"(it wraps: {', '.join(sorted(self.kinds))})")
+        self.check_wrappable(module, name)
         created: list[bool] = []
 
         def factory() -> VeraProjection:

@@ -306,6 +306,12 @@ class Variant:
                 f"{self.name} cannot wrap module '{info.name}' of type {info.type_name} "
                 f"(it wraps: {supported})")
 
+    def check_wrappable(self, module: nn.Module, name: str) -> None:
+        """Raise :class:`ModuleTypeError` if ``module`` (full name ``name``) is not of a kind it wraps."""
+        if module_kind(module) not in self.kinds:
+            raise ModuleTypeError(f"{self.name} cannot wrap module '{name}' of type {type(module).__name__} "
+                                  f"(it wraps: {', '.join(sorted(self.kinds))})")
+
     def trainable_params(self, params: Any, info: ModuleInfo) -> int:
         """How many trainable parameters wrapping ``info`` adds (for ``plan``, without building),
         not counting tensors shared with other modules (see :meth:`shared_trainable_params`)."""
