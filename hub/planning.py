@@ -201,7 +201,7 @@ def _no_eligible(spec: Spec, br: BoundRule, hit: list[ModuleInfo]) -> SurgeryErr
                           f"{what}: module '{example}' already has an adapter; remove it first or skip it")
         if br.quantizer is not None and any(i.kind in br.variant.kinds for i in hit):
             q = br.quantizer
-            return _error(spec, br.quant.pos,
+            return _error(spec, br.rule.quant.pos,
                           f"{q.name} cannot quantize the modules '{br.rule.pattern.text}' matches "
                           f"(types: {', '.join(types)}; {q.name} quantizes: {', '.join(sorted(q.kinds))})")
         return _error(spec, br.rule.action.pos,
@@ -224,12 +224,12 @@ def _allocate(spec: Spec, bound: Sequence[BoundRule], winner: dict[str, int], by
         if not names:
             continue
         if weights is None:
-            raise _error(spec, br.quant.pos, f"{q.name} chooses a configuration per matrix from the weights; "
+            raise _error(spec, br.rule.quant.pos, f"{q.name} chooses a configuration per matrix from the weights; "
                                              "plan on a live model or a checkpoint with its safetensors")
         try:
             chosen = q.allocate(br.quant_params, [(by_name[n], partial(weights, n)) for n in names])
         except (ParamError, AdapterhubError) as exc:
-            raise _error(spec, br.quant.pos, str(exc)) from None
+            raise _error(spec, br.rule.quant.pos, str(exc)) from None
         for name, values in (chosen or {}).items():
             out[name] = {**to_dict(br.quant_params), **values}
     return out

@@ -174,3 +174,9 @@ def test_decoder_only_variants_are_refused_on_an_encoder_at_plan_time(spec):
     with pytest.raises(SurgeryError) as exc:
         plan("tiny-bert", spec)
     assert "decoder (causal) language models" in exc.value.message and exc.value.line == 1
+
+
+def test_quantizer_that_cannot_quantize_the_matched_modules_is_located(tiny_llama):
+    with pytest.raises(SurgeryError) as exc:
+        plan(tiny_llama, "embed -> lora(r=4) on nf4")
+    assert exc.value.column == 23 and "nf4 cannot quantize" in exc.value.message  # at "nf4"
