@@ -27,6 +27,11 @@ _EXPORTS = {
     "PlanEntry": "adapterhub.planning",
     "save": "adapterhub.bundle",
     "load": "adapterhub.bundle",
+    "Store": "adapterhub.store",
+    "push": "adapterhub.remote",
+    "pull": "adapterhub.remote",
+    "fetch": "adapterhub.remote",
+    "export_peft": "adapterhub.export",
     "load_model": "adapterhub.models",
     "build_builtin": "adapterhub.models",
     "parse": "adapterhub.dsl",
@@ -43,6 +48,11 @@ _EXPORTS = {
     "get_registry": "adapterhub.registry",
     "hookimpl": "adapterhub.registry",
     "param": "adapterhub.registry",
+    "prepare_kbit_training": "adapterhub.kbit",
+    "quant_memory": "adapterhub.kbit",
+    "make_optimizer": "adapterhub.optim",
+    "merge_quantized": "adapterhub.quant_merge",
+    "MergeReport": "adapterhub.quant_merge",
 }
 
 __all__ = [*_EXPORTS, "__version__"]

@@ -78,8 +78,10 @@ def _read_spec(path: Path):
 @click.option("--json", "as_json", is_flag=True, help="print a JSON summary instead of the table")
 def apply_cmd(spec: Path, model: str, out: Path, seed: int, as_json: bool) -> None:
     """Apply SPEC to MODEL and write the initialised adapters to OUT as a bundle
-    (adapter_model.safetensors + adapterhub.json + README.md)."""
+    (adapter_model.safetensors + adapterhub.json + README.md). Prints the plan, then the weight
+    memory measured from the model's tensors (quantized layers: codes + scales + code tables)."""
     from .bundle import save
+    from .kbit import format_quant_memory, quant_memory
     from .models import load_model
     from .report import print_plan
     from .surgery import applied, apply
@@ -89,10 +91,12 @@ def apply_cmd(spec: Path, model: str, out: Path, seed: int, as_json: bool) -> No
     apply(m, parsed, seed=seed)
     save(m, out)
     p = applied(m).plan
+    measured = quant_memory(m)
     if as_json:
-        click.echo(json.dumps({"bundle": str(out), **p.summary()}, indent=2))
+        click.echo(json.dumps({"bundle": str(out), **p.summary(), "measured": measured}, indent=2))
         return
     print_plan(p)
+    click.echo(format_quant_memory(measured, p.bytes_after))
     click.echo(f"wrote bundle {out}")
 
 
@@ -141,3 +145,20 @@ def main(argv: list[str] | None = None) -> None:
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)
     group.main(args=argv, prog_name="adapterhub")
+
+
+from .cli_store import add_commands as _add_store  # noqa: E402
+
+_add_store(cli)
+
+from .cli_peft import add_commands as _add_peft  # noqa: E402
+
+_add_peft(cli)
+
+from .cli_remote import add_commands as _add_remote  # noqa: E402
+
+_add_remote(cli)
+
+from .cli_compose import add_commands as _add_compose  # noqa: E402
+
+_add_compose(cli)

@@ -346,8 +346,9 @@ def module_weight_loader(model: nn.Module):
     return load
 
 
-def safetensors_weight_loader(path: str | Path):
-    """``load(name) -> out x in weight`` read from a checkpoint's safetensors (one tensor at a time)."""
+def safetensors_weight_loader(path: str | Path, transposed: frozenset[str] = frozenset()):
+    """``load(name) -> out x in weight`` read from a checkpoint's safetensors (one tensor at a time);
+    modules named in ``transposed`` store ``in x out`` (GPT-2's Conv1D) and are transposed."""
     files = sorted(Path(path).glob("*.safetensors"))
 
     def load(name: str) -> torch.Tensor:
@@ -357,7 +358,8 @@ def safetensors_weight_loader(path: str | Path):
         for file in files:
             with safe_open(str(file), framework="pt") as f:
                 if key in f.keys():
-                    return f.get_tensor(key)
+                    t = f.get_tensor(key)
+                    return t.t() if name in transposed else t
         raise AdapterhubError(f"no tensor '{key}' in the safetensors files of '{path}' (the weights are needed "
                               "to choose per-matrix quantization)")
     return load

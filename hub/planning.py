@@ -296,4 +296,6 @@ def plan(model_or_path: Any, spec: Any, registry: Registry | None = None) -> Pla
     if src.path is None:
         raise AdapterhubError(f"cannot plan on '{target}'")
     infos, name = checkpoint_infos(src.path)
-    return resolve(spec, infos, registry, name if src.kind == "dir" else target, safetensors_weight_loader(src.path))
+    conv1d = frozenset(i.name for i in infos if i.kind == "conv1d")
+    return resolve(spec, infos, registry, name if src.kind == "dir" else target,
+                   safetensors_weight_loader(src.path, conv1d))

@@ -342,7 +342,9 @@ def parse_count(text: str | None) -> int | None:
     return int(value)
 
 
-@click.command("glora-search", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.command("glora-search",
+               short_help="Search per-layer GLoRA supports by evolution; write the best as a .surgery file.",
+               context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--model", "-m", default="tiny-llama", show_default=True, help="built-in model or model directory")
 @click.option("--data", type=click.Path(dir_okay=False, exists=True, path_type=Path),
               help="a text file (80% trains the supernet, 20% is held out); default: a built-in demo text")

@@ -23,6 +23,9 @@ class LinearMerge(MergeMethod):
     name = "linear"
     Params = LinearMergeParams
     summary = "exact weighted sum of the adapters' delta weights: sum_i w_i dW_i"
+    #: the merged delta is a linear combination of the inputs: its rank is at most Σ r_i, which
+    #: ``adapterhub compose`` uses as the default output rank so the composed LoRA is exact
+    sum_rank = True
 
     def merge(self, deltas: list[torch.Tensor], weights: list[float],
               params: LinearMergeParams | None = None) -> torch.Tensor:

@@ -119,10 +119,18 @@ class QuantizedLinear(nn.Module):
         return sum(b.numel() * b.element_size() for b in self.buffers())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x W^T + b`` with ``W`` dequantized to the compute dtype. When a gradient flows to ``x``,
+        the dequantized weight is not kept for backward: it is dequantized again there (as
+        bitsandbytes' ``MatMul4Bit`` does), so training memory holds only the quantized codes."""
         dtype = self.compute_dtype or x.dtype
-        w = self.dequantize().to(dtype)
-        b = self.bias.to(dtype) if self.bias is not None else None
-        return nn.functional.linear(x.to(dtype), w, b).to(x.dtype)
+        xc = x.to(dtype)
+        if torch.is_grad_enabled() and xc.requires_grad:
+            y = _DequantizedMatmul.apply(xc, self, dtype)
+        else:
+            y = xc @ self.dequantize().to(dtype).t()
+        if self.bias is not None:
+            y = y + self.bias.to(dtype)
+        return y.to(x.dtype)
 
     def to_linear(self, weight: torch.Tensor | None = None) -> nn.Linear:
         """A dense ``nn.Linear`` with the dequantized weight (or ``weight`` if given)."""
@@ -138,6 +146,20 @@ class QuantizedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, quant={self.quantizer}"
+
+
+class _DequantizedMatmul(torch.autograd.Function):
+    """``x W^T`` for a frozen quantized ``W``: saves nothing for backward, where ``dx = g W``
+    dequantizes ``W`` again (the weight gets no gradient)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, module: QuantizedLinear, dtype: torch.dtype) -> torch.Tensor:
+        ctx.module, ctx.dtype = module, dtype
+        return x @ module.dequantize().to(dtype).t()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        return grad @ ctx.module.dequantize().to(ctx.dtype), None, None
 
 
 # --------------------------------------------------------------------------- adapter layers

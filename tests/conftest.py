@@ -12,6 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the network
 if os.environ.get("ADAPTERHUB_TEST_TRITON_GPU") != "1":
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # tiny models: threads only add contention
 
 
 @pytest.fixture

@@ -36,7 +36,7 @@ def test_round_trip_gives_identical_outputs(tmp_path, ids, name):
 def test_bundle_files_use_peft_key_names_and_manifest(tmp_path):
     adapterhub.save(trained(), tmp_path / "b", metrics={"eval_loss": 1.5})
     files = sorted(p.name for p in (tmp_path / "b").iterdir())
-    assert files == ["README.md", "adapter_model.safetensors", "adapterhub.json"]
+    assert files == ["README.md", "adapter_config.json", "adapter_model.safetensors", "adapterhub.json"]
     with safe_open(str(tmp_path / "b" / "adapter_model.safetensors"), "pt") as f:
         keys = set(f.keys())
     assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in keys
@@ -78,3 +78,82 @@ def test_corrupt_or_foreign_bundles_give_clear_errors(tmp_path):
 def test_save_without_adapters_is_an_error(tmp_path):
     with pytest.raises(AdapterhubError, match="no adapters"):
         adapterhub.save(build_builtin("tiny-llama"), tmp_path / "b")
+
+
+# --------------------------------------------------------------------------- sources and cards
+
+
+def test_load_from_a_store_reference(tmp_path, ids, monkeypatch):
+    from adapterhub.store import Store
+
+    monkeypatch.setenv("ADAPTERHUB_HOME", str(tmp_path / "home"))
+    model = trained()
+    adapterhub.save(model, tmp_path / "b", metrics={"eval_loss": 1.25})
+    Store().save(tmp_path / "b", "medical", tag="prod")
+    for ref in ("medical@v1", "medical@prod", "medical"):
+        fresh = adapterhub.load(build_builtin("tiny-llama"), ref)
+        with torch.no_grad():
+            assert torch.equal(fresh(input_ids=ids).logits, model(input_ids=ids).logits)
+    with pytest.raises(AdapterhubError, match="neither a bundle directory nor a stored adapter"):
+        adapterhub.load(build_builtin("tiny-llama"), "unknown")
+
+
+def test_load_from_the_hub_goes_through_remote_fetch(tmp_path, ids, monkeypatch):
+    import sys
+    import types
+
+    model = trained()
+    adapterhub.save(model, tmp_path / "b")
+    calls = []
+    fake = types.ModuleType("adapterhub.remote")
+
+    def fetch(repo_id, revision):
+        calls.append((repo_id, revision))
+        return tmp_path / "b"
+
+    fake.fetch = fetch
+    monkeypatch.setitem(sys.modules, "adapterhub.remote", fake)
+    fresh = adapterhub.load(build_builtin("tiny-llama"), "hf://org/medical@v2")
+    adapterhub.load(build_builtin("tiny-llama"), "hf://org/medical")
+    assert calls == [("org/medical", "v2"), ("org/medical", None)]
+    with torch.no_grad():
+        assert torch.equal(fresh(input_ids=ids).logits, model(input_ids=ids).logits)
+    monkeypatch.setitem(sys.modules, "adapterhub.remote", None)  # not installed
+    with pytest.raises(AdapterhubError, match="Hub support"):
+        adapterhub.load(build_builtin("tiny-llama"), "hf://org/medical@v2")
+
+
+@pytest.mark.parametrize("source,message", [
+    ("hf://medical", "not a Hub reference"),
+    ("hf://org/", "not a Hub reference"),
+    ("./does/not/exist", "does not exist"),
+])
+def test_bad_sources_are_clear_errors(source, message):
+    with pytest.raises(AdapterhubError, match=message):
+        adapterhub.load(build_builtin("tiny-llama"), source)
+
+
+def test_a_file_is_not_a_bundle(tmp_path):
+    from adapterhub.sources import bundle_dir
+
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(AdapterhubError, match="is a file"):
+        bundle_dir(tmp_path / "f")
+    with pytest.raises(AdapterhubError, match="is a file"):
+        bundle_dir(str(tmp_path / "f"))
+    assert bundle_dir(str(tmp_path)) == tmp_path
+
+
+def test_card_front_matter_spec_and_metrics(tmp_path):
+    adapterhub.save(trained(), tmp_path / "b", metrics={"eval_loss": 1.5}, parent="medical@v1")
+    card = (tmp_path / "b" / "README.md").read_text()
+    front, body = card.split("---\n")[1], card.split("---\n", 2)[2]
+    assert front.splitlines() == ["base_model: tiny-llama", "library_name: peft", "tags:", "- adapterhub", "- lora",
+                                  "- peft"]
+    assert SPEC.strip() in body and "- eval_loss: 1.5" in body and "medical@v1" in body
+    assert "PeftModel.from_pretrained" in body and "quantized with nf4" in body
+    prefix = adapterhub.apply(build_builtin("tiny-llama"), "layers -> prefix(tokens=4)\n")
+    adapterhub.save(prefix, tmp_path / "p")
+    card = (tmp_path / "p" / "README.md").read_text()
+    assert "library_name: adapterhub" in card and "PEFT has no equivalent of prefix" in card
+    assert not (tmp_path / "p" / "adapter_config.json").exists()

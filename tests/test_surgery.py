@@ -139,3 +139,18 @@ def test_merge_and_unload_refuses_unmergeable_adapters_before_changing_anything(
     with pytest.raises(adapterhub.AdapterhubError, match="cannot be merged"):
         adapterhub.merge_and_unload(tiny_llama)
     assert not any(layer.merged for _, layer in adapterhub.adapter_layers(tiny_llama))
+
+
+def test_quantized_base_keeps_no_dequantized_weight_for_backward(tiny_llama, ids):
+    """QLoRA's memory: autograd must not hold the 16-bit copy of a frozen 4-bit weight."""
+    adapterhub.apply(tiny_llama, "mlp.* -> lora(r=4) on nf4")
+    layer = tiny_llama.model.layers[0].mlp.up_proj
+    weight_shape = (layer.out_features, layer.in_features)
+    saved = []
+    x = torch.randn(2, 5, 64, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        y = layer.base_layer(x)
+    assert weight_shape not in saved and (weight_shape[1], weight_shape[0]) not in saved
+    y.sum().backward()
+    expected = torch.ones(2, 5, 128) @ layer.base_layer.dequantize()
+    assert torch.allclose(x.grad, expected, atol=1e-5)
