@@ -85,7 +85,7 @@ def compose_cmd(sources: tuple[str, ...], method: str, weights: str | None, rank
     default rank. Modules whose bias changes (IA3 on a biased layer, GLoRA) are written as
     glora(b=lora, e=vector). Adapters that cannot be merged (bottleneck, prefix, prompt) are refused.
     """
-    from .compose import compose
+    from .composition import compose
 
     params: dict[str, Any] = dict(_param(p) for p in extra)
     if density is not None:

@@ -40,7 +40,7 @@ from adapterhub.registry import (
     get_registry,
 )
 
-from .surgery import adapter_layers, applied
+from .surgery import adapter_layers, applied, parent_of
 
 
 @dataclass
@@ -207,8 +207,7 @@ def merge_quantized(model: nn.Module, requantize: bool = False, probe: torch.Ten
                 q, qparams = targets[name]
                 new = q.quantize(new, qparams)
                 result = "requantized"
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
+            parent, child = parent_of(model, name)
             if layer.attached:
                 delattr(parent, child)
                 changes.append(ModuleChange(name, layer.variant, quant, "removed", None))

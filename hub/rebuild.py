@@ -4,7 +4,7 @@
 config translated to a spec), :func:`wrap_entries` builds the layers with each variant's ``wrap``
 in ``apply``'s order under the bundle's seed (so shared tensors -- VeRA's projection, Tied-LoRA's
 factors -- are owned by the same layer as when the bundle was saved), :func:`load_layer_tensors`
-loads the bundle's tensors into them one at a time. Stacking (:mod:`adapterhub.stack`), compose and
+loads the bundle's tensors into them one at a time. Stacking (:mod:`adapterhub.stacking`), compose and
 the streaming merge (:mod:`adapterhub.merge_stream`, on placeholder bases) build on these.
 """
 

@@ -41,9 +41,15 @@ def applied(model: nn.Module) -> Applied | None:
     return model.__dict__.get("adapterhub")
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+def parent_of(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    """``(parent module, attribute name)`` of the module called ``name`` in ``model``."""
     parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
+    return (model.get_submodule(parent_name) if parent_name else model), child
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` where the module called ``name`` is."""
+    parent, child = parent_of(model, name)
     setattr(parent, child, new)
 
 
@@ -59,15 +65,13 @@ def apply(model: nn.Module, spec: Any, *, registry: Registry | None = None, seed
 
     if applied(model) is not None:
         raise AdapterhubError("this model already has adapters from adapterhub.apply; load a fresh model "
-                              "(stacking several adapters comes through adapterhub.load)")
+                              "(to activate several adapters at once, use adapterhub.stack)")
     registry = registry or get_registry()
     spec = load_spec(spec)
     the_plan = plan or make_plan(model, spec, registry)
     fingerprint = model_fingerprint(model)
     by_index = {br.index: br for br in the_plan.bound}
     ctx = ApplyContext(model=model, seed=seed)
-    for p in model.parameters():
-        p.requires_grad_(False)
     train_modules = []
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -80,7 +84,7 @@ def apply(model: nn.Module, spec: Any, *, registry: Registry | None = None, seed
             joint = entry.quant is not None and entry.action == "variant" and br.variant.owns_quantization
             if entry.quant is not None and not joint:
                 module = br.quantizer.quantize(module, qparams)
-                _replace(model, entry.module, module)
+                replace_module(model, entry.module, module)
             if entry.action == "variant":
                 if joint:
                     layer = br.variant.wrap_quantized(module, br.params, br.quantizer, qparams, ctx, entry.module)
@@ -90,11 +94,10 @@ def apply(model: nn.Module, spec: Any, *, registry: Registry | None = None, seed
                     raise AdapterhubError(f"variant {br.variant.name} returned {type(layer).__name__}, "
                                           "not an AdapterLayer")
                 if br.variant.attach:
-                    parent_name, _, child = entry.module.rpartition(".")
-                    parent = model.get_submodule(parent_name) if parent_name else model
+                    parent, child = parent_of(model, entry.module)
                     parent.add_module(f"{child}_{br.variant.name}", layer)
                 else:
-                    _replace(model, entry.module, layer)
+                    replace_module(model, entry.module, layer)
             elif entry.action == "train":
                 train_modules.append(module)
     for p in model.parameters():
@@ -142,11 +145,10 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     for name, layer in layers:
         layer.merge()
         if layer.attached:
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
+            parent, child = parent_of(model, name)
             delattr(parent, child)
         else:
-            _replace(model, name, layer.base_layer)
+            replace_module(model, name, layer.base_layer)
     model.__dict__.pop("adapterhub", None)
     return model
 

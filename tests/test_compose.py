@@ -12,7 +12,7 @@ from safetensors import safe_open
 
 import adapterhub
 from adapterhub import AdapterhubError
-from adapterhub.compose import compose
+from adapterhub.composition import compose
 from adapterhub.models import build_builtin
 from adapterhub.registry import get_registry
 

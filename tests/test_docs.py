@@ -34,3 +34,14 @@ def test_every_builtin_variant_is_documented():
 @pytest.mark.parametrize("hook", [n for n in dir(hookspecs) if n.startswith("register_")])
 def test_hooks_are_documented(hook):
     assert f"`{hook}`" in (ROOT / "README.md").read_text()
+
+
+def test_every_command_in_the_readme_exists():
+    from adapterhub.cli import build_cli
+
+    commands = set(build_cli().commands)
+    readme = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```(?:bash)?\n(.*?)```", readme, flags=re.S)
+    used = {m for block in blocks for m in re.findall(r"^adapterhub ([a-z][a-z0-9-]*)", block, flags=re.M)}
+    used |= {m for block in blocks for m in re.findall(r"&& adapterhub ([a-z][a-z0-9-]*)", block)}
+    assert used and used <= commands, used - commands

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 import adapterhub
+import adapterhub.stacking as S
 from adapterhub import AdapterhubError
-from adapterhub import stack as S
 from adapterhub.models import build_builtin
-from adapterhub.stack import StackLayer, stack
+from adapterhub.stacking import StackLayer, stack
 
 SPECS = {
     "A": ("tiny-llama", "attn.{q_proj,v_proj} -> lora(r=4, alpha=8)\n", 1),
@@ -78,7 +78,7 @@ def test_each_module_adds_every_adapters_effect(bundles):
 
 
 def test_switching_adapters_on_and_off(bundles, ids):
-    model = S(build_builtin("tiny-llama"), [bundles["A"], bundles["C"]])  # the module is callable too
+    model = adapterhub.stack(build_builtin("tiny-llama"), [bundles["A"], bundles["C"]])  # the public name
     both = logits(model, ids)
     S.set_active(model, [0])
     assert torch.equal(logits(model, ids), logits(single("tiny-llama", bundles["A"]), ids))

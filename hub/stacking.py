@@ -1,7 +1,7 @@
 """Stacking: several adapters active at once on one model, without merging them.
 
     model = adapterhub.stack(model, ["medical@v3", "out/code-bundle"], weights=[1.0, 0.5])
-    adapterhub.stack.set_active(model, [0])        # only the first one
+    adapterhub.stacking.set_active(model, [0])     # only the first one
     adapterhub.merge(model) / adapterhub.unmerge(model)
 
 Every module that any of the adapters targets becomes a :class:`StackLayer`: it holds the module
@@ -25,8 +25,6 @@ The bundle's layers are rebuilt around the shared bases with :mod:`adapterhub.re
 from __future__ import annotations
 
 import os
-import sys
-import types
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -47,6 +45,7 @@ from .rebuild import (
     refuse_unstackable,
     wrap_entries,
 )
+from .surgery import replace_module
 
 # --------------------------------------------------------------------------- the layer
 
@@ -228,11 +227,6 @@ def stacked(model: nn.Module) -> Stacked | None:
     return model.__dict__.get("adapterhub_stack")
 
 
-def _set(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
-
-
 def stack(model: nn.Module, sources: Sequence[str | os.PathLike], weights: Sequence[float] | None = None, *,
           check_base: bool = True, registry: Registry | None = None) -> nn.Module:
     """Put the adapters of ``sources`` (bundle directories, stored versions, ``hf://`` repos, PEFT
@@ -267,7 +261,7 @@ def stack_bundles(model: nn.Module, infos: Sequence[BundleInfo], weights: Sequen
         module = model.get_submodule(name)
         bases[name] = quantize_module(module, entry, registry)
         if bases[name] is not module:
-            _set(model, name, bases[name])
+            replace_module(model, name, bases[name])
     per_module: dict[str, dict[int, AdapterLayer]] = {}
     for i, info in enumerate(infos):
         layers = wrap_entries(bases, info.entries, info.seed, registry, model)
@@ -280,7 +274,7 @@ def stack_bundles(model: nn.Module, infos: Sequence[BundleInfo], weights: Sequen
         layer = StackLayer(bases[name], layers, dict(enumerate(weights)))
         for p in layer.trainable_parameters():
             p.requires_grad_(True)
-        _set(model, name, layer)
+        replace_module(model, name, layer)
     model.__dict__["adapterhub_stack"] = Stacked([info.source for info in infos], weights,
                                                  list(range(len(infos))), sorted(per_module))
     return model
@@ -341,16 +335,6 @@ def unstack(model: nn.Module) -> nn.Module:
     for name, mod in list(model.named_modules()):
         if isinstance(mod, StackLayer):
             mod.unmerge()
-            _set(model, name, mod.base_layer)
+            replace_module(model, name, mod.base_layer)
     del model.__dict__["adapterhub_stack"]
     return model
-
-
-class _CallableModule(types.ModuleType):
-    """``adapterhub.stack(model, sources)`` works whether ``adapterhub.stack`` is this module or the function."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> nn.Module:
-        return stack(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

@@ -3,7 +3,7 @@
 Works on every mergeable variant through its weight delta. The adapters are rebuilt on their base
 model (``--model``; default the manifests' ``base_model`` when it is a built-in name or a local
 directory; all bundles must carry the same base fingerprint) -- stacked on one copy of it with
-:func:`adapterhub.stack.stack`, so the base is loaded once -- and for every module that any of them
+:func:`adapterhub.stacking.stack`, so the base is loaded once -- and for every module that any of them
 adapts, with ``ΔW_i`` (``out x in``) and ``Δb_i`` (``delta_bias()``, 0 where an adapter has none) of
 the adapters ``i`` present there,
 
@@ -38,8 +38,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
-import sys
-import types
 import zlib
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -52,7 +50,7 @@ from torch import nn
 from adapterhub.registry import AdapterhubError, AdapterLayer, MergeMethod, Registry, bind, get_registry, to_dict
 
 from .rebuild import Entry, bundle_entries, common_quant
-from .stack import StackLayer, stack_bundles
+from .stacking import StackLayer, stack_bundles
 
 
 @dataclass
@@ -365,13 +363,3 @@ def _notes(reports: list[ComposedModule], quant: dict[str, tuple[Entry, str]]) -
     if quants:
         notes.append(f"the inputs sit on a base quantized with {', '.join(quants)}; the composed adapter keeps it")
     return notes
-
-
-class _CallableModule(types.ModuleType):
-    """``adapterhub.compose(...)`` works whether ``adapterhub.compose`` is this module or the function."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> ComposeReport:
-        return compose(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
