@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from adapterhub.registry import AdapterhubError, AdapterLayer, QuantizedLinear, Registry, get_registry
+from adapterhub.registry import AdapterhubError, AdapterLayer, Registry, get_registry
 
 from .rebuild import (
     BundleInfo,
@@ -94,6 +94,7 @@ class StackLayer(AdapterLayer):
 
     variant = "stack"
     delta_reads_base = True
+    exact_unmerge = True
 
     def __init__(self, base_layer: nn.Module, layers: Mapping[int, AdapterLayer], weights: Mapping[int, float]):
         super().__init__(base_layer)
@@ -154,46 +155,6 @@ class StackLayer(AdapterLayer):
     def delta_bias(self) -> torch.Tensor | None:
         """``Σ_{i active} w_i Δb_i`` over the adapters that change the bias, else ``None``."""
         return self._active_sum("delta_bias")
-
-    def merge(self) -> None:
-        """Fold the active adapters' ``Σ w_i ΔW_i`` into the weight and ``Σ w_i Δb_i`` into the bias."""
-        if self.merged:
-            return
-        with torch.no_grad():
-            delta, bias = self.delta_weight().detach(), self.delta_bias()
-            base = self.base_layer
-            if isinstance(base, QuantizedLinear):
-                deq = base.dequantize()
-                self._merge_state["quantized_base"] = base
-                base = self.base_layer = base.to_linear((deq.float() + delta.float()).to(deq.dtype))
-            else:
-                self._merge_state["weight"] = base.weight.detach().clone()
-                base.weight.copy_((base.weight.float() + delta.float()).to(base.weight.dtype))
-            if bias is not None:
-                if getattr(base, "bias", None) is None:
-                    self._merge_state["made_bias"] = True
-                    base.bias = nn.Parameter(bias.to(base.weight.dtype), requires_grad=False)
-                else:
-                    self._merge_state["bias"] = base.bias.detach().clone()
-                    base.bias.copy_((base.bias.float() + bias.float()).to(base.bias.dtype))
-        self.merged = True
-
-    def unmerge(self) -> None:
-        """Restore the base weight (and bias) exactly."""
-        if not self.merged:
-            return
-        state = self._merge_state
-        with torch.no_grad():
-            if "quantized_base" in state:
-                self.base_layer = state.pop("quantized_base")
-            else:
-                self.base_layer.weight.copy_(state.pop("weight"))
-                if state.pop("made_bias", False):
-                    self.base_layer.register_parameter("bias", None)
-                elif "bias" in state:
-                    self.base_layer.bias.copy_(state.pop("bias"))
-        state.clear()
-        self.merged = False
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         return {f"stack.{i}.{k}": t for i, layer in self.layers().items()

@@ -57,7 +57,6 @@ from adapterhub.registry import (
     ModuleInfo,
     ModuleTypeError,
     ParamError,
-    QuantizedLinear,
     Variant,
     hookimpl,
     param,
@@ -130,6 +129,7 @@ class GloraLayer(AdapterLayer):
 
     variant = "glora"
     delta_reads_base = True  # W0 ⊙ A
+    exact_unmerge = True  # merge keeps W0; unmerge restores W0 and b0 bit-exactly
 
     def __init__(self, base_layer: nn.Module, params: GloraParams):
         super().__init__(base_layer)
@@ -277,46 +277,6 @@ class GloraLayer(AdapterLayer):
     def delta_bias(self) -> torch.Tensor | None:
         """``b' - b0 = b0 ⊙ D + E + W0 C`` (``out``), or ``None`` when D, E and C are all off."""
         return self._bias_delta(self.active_config())
-
-    def merge(self) -> None:
-        """Fold ``W0 ⊙ A + B`` into the weight and ``b0 ⊙ D + E + W0 C`` into the bias (made if absent)."""
-        if self.merged:
-            return
-        with torch.no_grad():
-            delta, bias = self.delta_weight().detach(), self.delta_bias()
-            base = self.base_layer
-            if isinstance(base, QuantizedLinear):
-                deq = base.dequantize()
-                self._merge_state["quantized_base"] = base
-                base = self.base_layer = base.to_linear((deq.float() + delta.float()).to(deq.dtype))
-            else:
-                self._merge_state["weight"] = base.weight.detach().clone()
-                base.weight.copy_((base.weight.float() + delta.float()).to(base.weight.dtype))
-            if bias is not None:
-                if getattr(base, "bias", None) is None:
-                    self._merge_state["made_bias"] = True
-                    base.bias = nn.Parameter(bias.to(base.weight.dtype), requires_grad=False)
-                else:
-                    self._merge_state["bias"] = base.bias.detach().clone()
-                    base.bias.copy_((base.bias.float() + bias.float()).to(base.bias.dtype))
-        self.merged = True
-
-    def unmerge(self) -> None:
-        """Restore ``W0`` and ``b0`` exactly (a bias made by :meth:`merge` is removed)."""
-        if not self.merged:
-            return
-        state, base = self._merge_state, self.base_layer
-        with torch.no_grad():
-            if "quantized_base" in state:
-                self.base_layer = state.pop("quantized_base")
-            else:
-                base.weight.copy_(state.pop("weight"))
-                if state.pop("made_bias", False):
-                    base.register_parameter("bias", None)
-                elif "bias" in state:
-                    base.bias.copy_(state.pop("bias"))
-        state.clear()
-        self.merged = False
 
     def extra_repr(self) -> str:
         return ", ".join(f"{s}={o}" for s, o in self.config.items()) + f", r={self.r}"

@@ -177,6 +177,8 @@ class AdapterLayer(nn.Module):
     variant: ClassVar[str] = ""
     #: True when delta_weight() reads the base weight (DoRA): merge caches it for unmerge.
     delta_reads_base: ClassVar[bool] = False
+    #: True: merge keeps a copy of W0 and unmerge restores it bit-exactly (costs one weight copy while merged).
+    exact_unmerge: ClassVar[bool] = False
 
     def __init__(self, base_layer: nn.Module, attached: bool = False):
         super().__init__()
@@ -230,36 +232,57 @@ class AdapterLayer(nn.Module):
         return None
 
     def merge(self) -> None:
-        """Fold the update into the base weight; forward then runs the base layer only."""
+        """Fold ``delta_weight()`` (and ``delta_bias()``, making a bias if the base has none) into the
+        base; forward then runs the base layer only. A quantized base is dequantized into a dense
+        layer (16-bit merge) and kept for :meth:`unmerge`."""
         if self.merged:
             return
-        delta = self.delta_weight().detach()
-        base = self.base_layer
-        if isinstance(base, QuantizedLinear):
-            deq = base.dequantize()
-            self._merge_state["quantized_base"] = base
-            self.base_layer = base.to_linear((deq.float() + delta.float()).to(deq.dtype))
-        else:
-            with torch.no_grad():
-                w = base.weight
-                w.copy_((w.float() + delta.float()).to(w.dtype))
-            if self.delta_reads_base:
-                self._merge_state["delta"] = delta
+        state = self._merge_state
+        with torch.no_grad():
+            delta, bias = self.delta_weight().detach(), self.delta_bias()
+            base = self.base_layer
+            if isinstance(base, QuantizedLinear):
+                deq = base.dequantize()
+                state["quantized_base"] = base
+                base = self.base_layer = base.to_linear((deq.float() + delta.float()).to(deq.dtype))
+            else:
+                if self.exact_unmerge:
+                    state["weight"] = base.weight.detach().clone()
+                elif self.delta_reads_base:
+                    state["delta"] = delta
+                base.weight.copy_((base.weight.float() + delta.float()).to(base.weight.dtype))
+            if bias is not None:
+                if getattr(base, "bias", None) is None:
+                    state["made_bias"] = True
+                    base.bias = nn.Parameter(bias.detach().to(base.weight.dtype), requires_grad=False)
+                else:
+                    state["bias"] = base.bias.detach().clone()
+                    base.bias.copy_((base.bias.float() + bias.float()).to(base.bias.dtype))
         self.merged = True
 
     def unmerge(self) -> None:
-        """Undo :meth:`merge`."""
+        """Undo :meth:`merge`: a quantized base and the bias come back bit-exactly, the weight too
+        with ``exact_unmerge``, else as ``W + d - d`` in float32."""
         if not self.merged:
             return
-        if "quantized_base" in self._merge_state:
-            self.base_layer = self._merge_state.pop("quantized_base")
-        else:
-            delta = self._merge_state.pop("delta", None)
-            if delta is None:
-                delta = self.delta_weight().detach()
-            with torch.no_grad():
-                w = self.base_layer.weight
-                w.copy_((w.float() - delta.float()).to(w.dtype))
+        state = self._merge_state
+        with torch.no_grad():
+            if "quantized_base" in state:
+                self.base_layer = state.pop("quantized_base")
+            else:
+                base = self.base_layer
+                if "weight" in state:
+                    base.weight.copy_(state.pop("weight"))
+                else:
+                    delta = state.pop("delta", None)
+                    if delta is None:
+                        delta = self.delta_weight().detach()
+                    base.weight.copy_((base.weight.float() - delta.float()).to(base.weight.dtype))
+                if state.pop("made_bias", False):
+                    base.register_parameter("bias", None)
+                elif "bias" in state:
+                    base.bias.copy_(state.pop("bias"))
+        state.clear()
         self.merged = False
 
     # -- state -------------------------------------------------------------------------------
