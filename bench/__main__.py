@@ -9,7 +9,8 @@ import time
 
 from .common import ROOT
 
-BENCHMARKS = ["plan", "lora_fa_memory", "qlora", "merge"]  # names from DESIGN.md "Measuring" as they are implemented
+# names from DESIGN.md "Measuring" as they are implemented
+BENCHMARKS = ["plan", "lora_fa_memory", "qlora", "merge", "longlora"]
 
 
 def main(argv: list[str]) -> int:

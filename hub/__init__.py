@@ -36,6 +36,8 @@ _EXPORTS = {
     "unstack": "adapterhub.stacking",
     "compose": "adapterhub.composition",
     "merge_checkpoint": "adapterhub.merge_stream",
+    "train": "adapterhub.training",
+    "TrainResult": "adapterhub.training",
     "load_model": "adapterhub.models",
     "build_builtin": "adapterhub.models",
     "parse": "adapterhub.dsl",

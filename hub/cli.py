@@ -162,3 +162,7 @@ _add_remote(cli)
 from .cli_compose import add_commands as _add_compose  # noqa: E402
 
 _add_compose(cli)
+
+from .cli_train import add_commands as _add_train  # noqa: E402
+
+_add_train(cli)

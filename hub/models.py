@@ -199,7 +199,10 @@ def attention_dims(cfg: Any) -> dict[str, int]:
         return {}
     kv = getattr(get, "num_key_value_heads", None) or heads
     head_dim = getattr(get, "head_dim", None) or hidden // heads
-    return {"hidden_size": hidden, "num_heads": heads, "num_kv_heads": kv, "head_dim": head_dim}
+    dims = {"hidden_size": hidden, "num_heads": heads, "num_kv_heads": kv, "head_dim": head_dim}
+    if getattr(get, "vocab_size", None):
+        dims["vocab_size"] = get.vocab_size
+    return dims
 
 
 def is_causal_lm(model: nn.Module) -> bool | None:
