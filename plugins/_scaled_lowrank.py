@@ -22,10 +22,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
 
 from ._triton import use_triton
-from .lora import base_device_dtype
+from .lora import adapter_factory  # noqa: F401  (re-exported for tied_lora, vera)
 
 try:
     import triton
@@ -35,14 +34,6 @@ except ImportError:  # pragma: no cover - triton is optional
 
 #: dtypes the kernel takes (it accumulates in fp32; fp64 stays on the torch path)
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def adapter_factory(base: nn.Module) -> dict[str, Any]:
-    """Device and dtype for the adapter tensors of both variants: fp32 (fp64 for an fp64 base) on
-    the base layer's device, as LoRA's."""
-    device, base_dtype = base_device_dtype(base)
-    dtype = torch.promote_types(base_dtype, torch.float32) if base_dtype.is_floating_point else torch.float32
-    return {"device": device, "dtype": dtype}
 
 
 def scaled_lowrank_torch(x_a: torch.Tensor, B: torch.Tensor, u: torch.Tensor, v: torch.Tensor,

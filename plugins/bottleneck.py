@@ -57,7 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adapterhub.plugins.lora import base_device_dtype
+from adapterhub.plugins.lora import adapter_factory
 from adapterhub.registry import (
     AdapterLayer,
     ApplyContext,
@@ -137,10 +137,9 @@ class BottleneckLayer(AdapterLayer):
         self.init = init
         self.init_std = float(init_std)
         base_layer.requires_grad_(False)
-        device, base_dtype = base_device_dtype(base_layer)
-        dtype = torch.promote_types(base_dtype, torch.float32) if base_dtype.is_floating_point else torch.float32
-        self.down = nn.Linear(self.out_features, self.size, device=device, dtype=dtype)
-        self.up = nn.Linear(self.size, self.out_features, device=device, dtype=dtype)
+        factory = adapter_factory(base_layer)
+        self.down = nn.Linear(self.out_features, self.size, **factory)
+        self.up = nn.Linear(self.size, self.out_features, **factory)
         self.reset_adapter_parameters()
 
     def reset_adapter_parameters(self) -> None:

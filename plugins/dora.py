@@ -37,7 +37,6 @@ Wraps Linear, GPT-2 Conv1D and quantized Linears (QDoRA: ``dora(...) on nf4``); 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -45,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adapterhub.plugins._triton import use_triton
-from adapterhub.plugins.lora import LoraParams, base_device_dtype, lora_scaling
+from adapterhub.plugins.lora import LoraParams, adapter_factory, init_lora_A, set_lora_attributes
 from adapterhub.registry import (
     AdapterLayer,
     ApplyContext,
@@ -156,28 +155,17 @@ class DoraLayer(AdapterLayer):
         if self.kind not in KINDS:
             raise ModuleTypeError(f"dora cannot wrap a {type(base_layer).__name__} "
                                   f"(it wraps: {', '.join(sorted(KINDS))})")
-        self.r = int(r)
-        self.alpha = float(alpha)
-        self.rslora = bool(rslora)
-        self.init = init
-        self.dropout = float(dropout)
-        self.scaling = lora_scaling(self.r, self.alpha, self.rslora)
-        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        base_layer.requires_grad_(False)
-        device, base_dtype = base_device_dtype(base_layer)
-        dtype = torch.promote_types(base_dtype, torch.float32) if base_dtype.is_floating_point else torch.float32
-        self.lora_A = nn.Linear(self.in_features, self.r, bias=False, device=device, dtype=dtype)
-        self.lora_B = nn.Linear(self.r, self.out_features, bias=False, device=device, dtype=dtype)
-        self.lora_magnitude_vector = nn.Parameter(torch.empty(self.out_features, device=device, dtype=dtype))
+        set_lora_attributes(self, r, alpha, dropout, rslora, init)
+        factory = adapter_factory(base_layer)
+        self.lora_A = nn.Linear(self.in_features, self.r, bias=False, **factory)
+        self.lora_B = nn.Linear(self.r, self.out_features, bias=False, **factory)
+        self.lora_magnitude_vector = nn.Parameter(torch.empty(self.out_features, **factory))
         self.reset_dora_parameters()
 
     def reset_dora_parameters(self) -> None:
         """``A`` as LoRA, ``B = 0``, ``m = ||W0||_row`` (so the output equals the base)."""
         with torch.no_grad():
-            if self.init == "gaussian":
-                nn.init.normal_(self.lora_A.weight, std=1.0 / self.r)
-            else:
-                nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+            init_lora_A(self.lora_A.weight, self.init, self.r)
             nn.init.zeros_(self.lora_B.weight)
             self.lora_magnitude_vector.copy_(self.weight_norm())
 

@@ -63,7 +63,7 @@ from adapterhub.registry import (
 )
 
 from ._glora_kernel import hadamard_lowrank_matmul
-from .lora import base_device_dtype
+from .lora import adapter_factory
 
 SUPPORTS = ("a", "b", "c", "d", "e")
 #: the options of each support, largest first (the paper's search space: 4 * 4 * 3 * 3 * 3 = 432)
@@ -143,10 +143,8 @@ class GloraLayer(AdapterLayer):
             self.config["d"] = "none"  # b0 ⊙ D vanishes without b0 (module docstring)
         self.path: dict[str, str] | None = None
         base_layer.requires_grad_(False)
-        device, base_dtype = base_device_dtype(base_layer)
-        dtype = torch.promote_types(base_dtype, torch.float32) if base_dtype.is_floating_point else torch.float32
-        self._dtype = dtype
-        f: dict[str, Any] = {"device": device, "dtype": dtype}
+        f = adapter_factory(base_layer)
+        self._dtype = f["dtype"]
         out_f, in_f, r = self.out_features, self.in_features, self.r
         for s in SUPPORTS:
             opt, p = self.config[s], nn.ParameterDict()

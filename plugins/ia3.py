@@ -47,7 +47,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from adapterhub.plugins.lora import base_device_dtype
+from adapterhub.plugins.lora import adapter_factory
 from adapterhub.registry import (
     AdapterLayer,
     ApplyContext,
@@ -114,10 +114,8 @@ class IA3Layer(AdapterLayer):
             raise ModuleTypeError(f"ia3 cannot wrap a {type(base_layer).__name__} (it wraps: conv1d, linear)")
         self.feedforward = bool(feedforward)
         base_layer.requires_grad_(False)
-        device, base_dtype = base_device_dtype(base_layer)
-        dtype = torch.promote_types(base_dtype, torch.float32) if base_dtype.is_floating_point else torch.float32
         shape = (1, self.in_features) if self.feedforward else (self.out_features, 1)
-        self.ia3_l = nn.Parameter(torch.ones(shape, device=device, dtype=dtype))
+        self.ia3_l = nn.Parameter(torch.ones(shape, **adapter_factory(base_layer)))
 
     # -- forward ------------------------------------------------------------------------------
     def adapted_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:

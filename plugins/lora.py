@@ -76,6 +76,34 @@ def base_device_dtype(base: nn.Module) -> tuple[torch.device, torch.dtype]:
     return base.weight.device, base.weight.dtype
 
 
+def adapter_factory(base: nn.Module) -> dict[str, Any]:
+    """Device and dtype for adapter tensors: fp32 (fp64 for an fp64 base) on the base layer's device."""
+    device, base_dtype = base_device_dtype(base)
+    dtype = torch.promote_types(base_dtype, torch.float32) if base_dtype.is_floating_point else torch.float32
+    return {"device": device, "dtype": dtype}
+
+
+def set_lora_attributes(layer: AdapterLayer, r: int, alpha: float, dropout: float, rslora: bool, init: str) -> None:
+    """The hyper-parameters every LoRA-style layer exposes (``r``, ``alpha``, ``scaling``, ``rslora``,
+    ``init``, ``dropout`` + its ``lora_dropout`` module), and a frozen base."""
+    layer.r = int(r)
+    layer.alpha = float(alpha)
+    layer.rslora = bool(rslora)
+    layer.init = init
+    layer.dropout = float(dropout)
+    layer.scaling = lora_scaling(layer.r, layer.alpha, layer.rslora)
+    layer.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+    layer.base_layer.requires_grad_(False)
+
+
+def init_lora_A(weight: torch.Tensor, init: str, r: int) -> None:
+    """``kaiming_uniform(a=sqrt 5)`` (PEFT, loralib) or, for ``gaussian``, ``N(0, std=1/r)`` (PEFT)."""
+    if init == "gaussian":
+        nn.init.normal_(weight, std=1.0 / r)
+    else:
+        nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+
+
 class LoraLayer(AdapterLayer):
     """A LoRA adapter around a Linear, Conv1D, Embedding or quantized Linear.
 
@@ -92,19 +120,8 @@ class LoraLayer(AdapterLayer):
         if self.kind not in Lora.kinds:
             raise ModuleTypeError(f"lora cannot wrap a {type(base_layer).__name__} (it wraps: conv1d, "
                                   f"embedding, linear)")
-        self.r = int(r)
-        self.alpha = float(alpha)
-        self.rslora = bool(rslora)
-        self.init = init
-        self.dropout = float(dropout)
-        self.scaling = lora_scaling(self.r, self.alpha, self.rslora)
-        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        base_layer.requires_grad_(False)
-        device, base_dtype = base_device_dtype(base_layer)
-        dtype = torch.float32
-        if base_dtype.is_floating_point:
-            dtype = torch.promote_types(base_dtype, dtype)  # fp32, or fp64 for an fp64 base
-        factory: dict[str, Any] = {"device": device, "dtype": dtype}
+        set_lora_attributes(self, r, alpha, dropout, rslora, init)
+        factory = adapter_factory(base_layer)
         if self.kind == "embedding":
             self.lora_embedding_A = nn.Parameter(torch.empty(self.r, self.in_features, **factory))
             self.lora_embedding_B = nn.Parameter(torch.empty(self.out_features, self.r, **factory))
@@ -120,10 +137,7 @@ class LoraLayer(AdapterLayer):
                 nn.init.zeros_(self.lora_embedding_A)
                 nn.init.normal_(self.lora_embedding_B)
                 return
-            if self.init == "gaussian":
-                nn.init.normal_(self.lora_A.weight, std=1.0 / self.r)
-            else:
-                nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+            init_lora_A(self.lora_A.weight, self.init, self.r)
             nn.init.zeros_(self.lora_B.weight)
 
     @property

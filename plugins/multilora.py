@@ -50,7 +50,7 @@ from adapterhub.registry import (
     param,
 )
 
-from .lora import base_device_dtype
+from .lora import adapter_factory
 
 
 @dataclass(frozen=True)
@@ -88,11 +88,7 @@ class MultiLoraLayer(AdapterLayer):
         self.scaling = self.alpha / self.r
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         base_layer.requires_grad_(False)
-        device, base_dtype = base_device_dtype(base_layer)
-        dtype = torch.float32
-        if base_dtype.is_floating_point:
-            dtype = torch.promote_types(base_dtype, dtype)  # fp32, or fp64 for an fp64 base
-        factory: dict[str, Any] = {"device": device, "dtype": dtype}
+        factory = adapter_factory(base_layer)
         self.lora_A = nn.ModuleList(nn.Linear(self.in_features, self.r, bias=False, **factory)
                                     for _ in range(self.n))
         self.lora_B = nn.ModuleList(nn.Linear(self.r, self.out_features, bias=False, **factory)

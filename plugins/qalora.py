@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from adapterhub.plugins.intn import INTN_QUANTIZERS, IntNLinear
-from adapterhub.plugins.lora import base_device_dtype
+from adapterhub.plugins.lora import adapter_factory
 from adapterhub.registry import (
     AdapterLayer,
     ApplyContext,
@@ -82,11 +82,10 @@ class QaLoraLayer(AdapterLayer):
         self.scaling = self.alpha / self.r
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         base_layer.requires_grad_(False)
-        device, base_dtype = base_device_dtype(base_layer)
-        dtype = torch.promote_types(base_dtype, torch.float32)  # fp32, or fp64 for an fp64 base
+        factory = adapter_factory(base_layer)
         pooled = self.in_features // self.group
-        self.lora_A = nn.Linear(pooled, self.r, bias=False, device=device, dtype=dtype)
-        self.lora_B = nn.Linear(self.r, self.out_features, bias=False, device=device, dtype=dtype)
+        self.lora_A = nn.Linear(pooled, self.r, bias=False, **factory)
+        self.lora_B = nn.Linear(self.r, self.out_features, bias=False, **factory)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

@@ -21,6 +21,8 @@ from adapterhub.plugins.lora import LoraLayer
 from adapterhub.plugins.lora_fa import LoraFAFunction, LoraFALayer, LoraFAParams, lora_fa_update
 from adapterhub.registry import ModuleTypeError, ParamError, bind, get_registry
 
+from .variant_cases import base_weight_out_in as w0_out_in
+
 
 def saved_activations(fn, params):
     """Run ``fn`` recording what autograd saves: ``(bytes of non-parameter storages, their shapes, out)``."""
@@ -54,12 +56,6 @@ def make_base(kind: str) -> nn.Module:
         return q.quantize(nn.Linear(64, 32), q.Params())
     raise AssertionError(kind)
 
-
-def w0_out_in(layer) -> torch.Tensor:
-    base = layer.base_layer
-    if hasattr(base, "dequantize"):
-        return base.dequantize()
-    return base.weight.t() if isinstance(base, Conv1D) else base.weight
 
 
 def perturbed(layer: LoraFALayer, seed: int = 3) -> LoraFALayer:

@@ -16,6 +16,8 @@ from adapterhub.models import build_builtin
 from adapterhub.plugins.multilora import MultiLoraLayer, MultiLoraParams
 from adapterhub.registry import ModuleTypeError, ParamError, bind, get_registry
 
+from .variant_cases import base_weight_out_in as w0_out_in
+
 
 def make_base(kind: str) -> nn.Module:
     torch.manual_seed(0)
@@ -31,12 +33,6 @@ def make_base(kind: str) -> nn.Module:
         return q.quantize(nn.Linear(64, 32), q.Params())
     raise AssertionError(kind)
 
-
-def w0_out_in(layer) -> torch.Tensor:
-    base = layer.base_layer
-    if hasattr(base, "dequantize"):
-        return base.dequantize()
-    return base.weight.t() if isinstance(base, Conv1D) else base.weight
 
 
 def with_scales(layer: MultiLoraLayer, seed: int = 1) -> MultiLoraLayer:
