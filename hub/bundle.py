@@ -26,17 +26,8 @@ from torch import nn
 from adapterhub.registry import AdapterhubError
 
 from .atomic import atomic_dir
-from .peft_format import (
-    CONFIG,
-    PeftDescription,
-    base_changing_init,
-    config_json,
-    describe,
-    from_peft_keys,
-    read_config,
-    spec_from_config,
-    to_peft_keys,
-)
+from .peft_format import CONFIG, PeftDescription, config_json, describe, from_peft_keys, to_peft_keys
+from .peft_read import base_changing_init, read_config, spec_from_config
 from .surgery import adapter_layers, applied, apply
 
 FORMAT = "adapterhub.bundle"

@@ -198,7 +198,7 @@ def _quant_clause(entry: Entry | None) -> str:
 
 def composed_spec(rules: dict[str, str], header: list[str]) -> str:
     """Spec text: one rule per group of modules with the same action (``{module: action text}``)."""
-    from .peft_format import compress_names
+    from .peft_read import compress_names
 
     roles = set(get_registry().alias_table())
     groups: dict[str, list[str]] = {}

@@ -44,9 +44,9 @@ from .peft_format import (
     base_module_names,
     config_json,
     pattern_keys,
-    resolve_peft,
     target_list,
 )
+from .peft_read import resolve_peft
 
 DEFAULT_RANK = 16
 
@@ -128,7 +128,7 @@ def _base_model(source_dir: Path, model: str | nn.Module | None) -> tuple[nn.Mod
     """The base model to rebuild the adapter on, and its name for the config."""
     from .bundle import MANIFEST, read_manifest
     from .models import BUILTIN_MODELS, load_model
-    from .peft_format import read_config
+    from .peft_read import read_config
 
     if (source_dir / MANIFEST).is_file():
         name = read_manifest(source_dir).get("base_model")

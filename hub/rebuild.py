@@ -60,13 +60,14 @@ def bundle_entries(source: str | os.PathLike, model: nn.Module, directory: Path 
     :func:`adapterhub.sources.bundle_dir`; ``directory`` if already resolved) against ``model`` (an
     un-adapted live or meta model)."""
     from .bundle import MANIFEST, read_manifest
-    from .peft_format import CONFIG, read_config
+    from .peft_format import CONFIG
+    from .peft_read import read_config
     from .sources import bundle_dir
 
     directory = directory or bundle_dir(source)
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     if not (directory / MANIFEST).is_file() and (directory / CONFIG).is_file():
-        from .peft_format import spec_from_config
+        from .peft_read import spec_from_config
         from .planning import plan
 
         config = read_config(directory)

@@ -321,7 +321,7 @@ def _convert_peft(directory: Path, model: str | None, out: Path, origin: str) ->
     """A plain PEFT adapter as an adapterhub bundle: loaded on its base model and saved again."""
     from .bundle import load, save
     from .models import load_model
-    from .peft_format import read_config
+    from .peft_read import read_config
 
     config = read_config(directory) or {}
     base = model or config.get("base_model_name_or_path")
