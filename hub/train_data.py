@@ -5,6 +5,7 @@ either ``{"text": ...}`` or ``{"prompt": ..., "response": ...}`` (loss on the re
 the prompt's labels are ``-100``). Examples are tokenized, joined with the tokenizer's EOS token (when
 it has one) and cut into fixed-length packed sequences of ``seq_len`` tokens (the tail that does not
 fill a sequence is dropped). The built-in models use a byte-level tokenizer: ``list(text.encode())``.
+Labelled data (``{"text": ..., "label": ...}``) is for encoders: see :mod:`adapterhub.train_cls`.
 """
 
 from __future__ import annotations
@@ -42,15 +43,28 @@ def hf_tokenizer(tok: Any) -> Tokenizer:
                      getattr(tok, "eos_token_id", None), type(tok).__name__)
 
 
-def load_tokenizer(path: str | Path) -> Tokenizer:
-    """``AutoTokenizer`` from a model directory, with a clear error when there is none."""
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
+                   "spiece.model", "sentencepiece.bpe.model")
+
+
+def auto_tokenizer(path: str | Path) -> Any:
+    """transformers' ``AutoTokenizer`` of a model directory; a clear error when the directory has no tokenizer
+    files (transformers would otherwise make an empty-vocabulary tokenizer from config.json alone)."""
     from transformers import AutoTokenizer
 
+    if Path(path).is_dir() and not any((Path(path) / f).is_file() for f in TOKENIZER_FILES):
+        raise AdapterhubError(f"could not load a tokenizer from '{path}' (none of {', '.join(TOKENIZER_FILES)}); "
+                              "the model directory needs tokenizer files")
     try:
-        return hf_tokenizer(AutoTokenizer.from_pretrained(str(path)))
+        return AutoTokenizer.from_pretrained(str(path))
     except Exception as exc:
         raise AdapterhubError(f"could not load a tokenizer from '{path}' ({str(exc).splitlines()[0][:200]}); "
                               "the model directory needs tokenizer files") from None
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """``AutoTokenizer`` from a model directory, with a clear error when there is none."""
+    return hf_tokenizer(auto_tokenizer(path))
 
 
 def read_examples(path: str | Path) -> list[tuple[str, str]]:
@@ -76,6 +90,10 @@ def read_examples(path: str | Path) -> list[tuple[str, str]]:
             obj = json.loads(line)
         except ValueError as exc:
             raise AdapterhubError(f"{path}:{n}: not valid JSON ({exc})") from None
+        if isinstance(obj, dict) and "label" in obj:
+            raise AdapterhubError(f"{path}:{n}: a \"label\" field: labelled data trains a classifier (an encoder "
+                                  "such as BERT), but this model is a causal LM; give {\"text\": ...} or "
+                                  "{\"prompt\": ..., \"response\": ...} lines")
         if isinstance(obj, dict) and isinstance(obj.get("text"), str):
             out.append(("", obj["text"]))
         elif isinstance(obj, dict) and isinstance(obj.get("prompt"), str) and isinstance(obj.get("response"), str):
@@ -130,6 +148,10 @@ class Dataset:
         order = torch.randperm(len(self.train_ids), generator=g)
         rows = order[k * self.batch_size:(k + 1) * self.batch_size]
         return self.train_ids[rows], self.train_labels[rows]
+
+    def tokens(self, ids: torch.Tensor) -> int:
+        """Tokens in a micro-batch (every position of a packed sequence is a real token)."""
+        return ids.numel()
 
     def eval_batches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         n, b = len(self.eval_ids), self.batch_size

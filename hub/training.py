@@ -1,4 +1,6 @@
 """Fine-tuning the adapters of a spec as a causal LM: ``adapterhub.train`` and ``adapterhub train``.
+Encoders (BERT family) train as sequence classifiers on labelled ``.jsonl`` instead: the same loop with
+the data, loss and eval accuracy of :mod:`adapterhub.train_cls` (model and head: :mod:`adapterhub.train_head`).
 
 ``train(model, spec, data, out=..., **options) -> TrainResult``. The optimizer (``make_optimizer``:
 adamw, adamw_8bit, paged_*) covers the trainable tensors; the learning rate rises linearly over
@@ -35,7 +37,7 @@ from torch import nn
 from adapterhub.registry import AdapterhubError
 
 from .atomic import atomic_dir
-from .train_data import Dataset, Tokenizer, build_dataset, byte_tokenizer, load_tokenizer
+from .train_data import Tokenizer, build_dataset, byte_tokenizer, load_tokenizer
 
 CHECKPOINT = "checkpoint"
 SCHEDULES = ("cosine", "constant")
@@ -89,12 +91,21 @@ def _lm_loss(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor, bf16: bo
         return model(input_ids=ids, labels=labels).loss.float()
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, data: Dataset, bf16: bool = False) -> float | None:
+def evaluate(model: nn.Module, data: Any, bf16: bool = False) -> float | None:
     """Mean loss over the held-out sequences (token-weighted), or None without an eval split."""
+    return eval_metrics(model, data, bf16).get("eval_loss")
+
+
+@torch.no_grad()
+def eval_metrics(model: nn.Module, data: Any, bf16: bool = False) -> dict[str, float]:
+    """``{"eval_loss": ...}`` (a classification run adds ``"eval_accuracy"``); {} without an eval split."""
+    from .train_cls import ClsDataset, evaluate_batches
+
+    if isinstance(data, ClsDataset):
+        return evaluate_batches(model, data.eval_batches(), bf16)
     batches = data.eval_batches()
     if not batches:
-        return None
+        return {}
     was = model.training
     model.eval()
     total, count = 0.0, 0
@@ -105,7 +116,7 @@ def evaluate(model: nn.Module, data: Dataset, bf16: bool = False) -> float | Non
             total += _lm_loss(model, ids.to(device), labels.to(device), bf16).item() * n
             count += n
     model.train(was)
-    return total / count if count else None
+    return {"eval_loss": total / count} if count else {}
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -194,6 +205,10 @@ def train(model: str | nn.Module, spec: Any, data: str | Path, *, out: str | Pat
     from .kbit import enable_gradient_checkpointing, enable_input_grads
     from .optim import make_optimizer
     from .surgery import applied, apply, trainable_parameters
+    from .train_cls import cls_loss
+    from .train_cls import prepare as prepare_cls
+    from .train_dist import on_main, setup
+    from .train_head import is_classifier
 
     if schedule not in SCHEDULES:
         raise AdapterhubError(f"unknown --schedule '{schedule}' (known: {', '.join(SCHEDULES)})")
@@ -204,9 +219,24 @@ def train(model: str | nn.Module, spec: Any, data: str | Path, *, out: str | Pat
         raise AdapterhubError("give exactly one of --steps and --epochs")
     if (resume or save_every or name) and out is None:
         raise AdapterhubError("--resume, --save-every and --name need --out")
+    ctx = setup()  # under torchrun: --batch-size is per process; the global batch is world * batch_size
     torch.manual_seed(seed)
-    module, tok = _resolve_model(model, tokenizer, seed)
-    dataset = build_dataset(data, tok, seq_len=seq_len, batch_size=batch_size, eval_split=eval_split, seed=seed)
+    classify = is_classifier(model)
+    if classify:  # an encoder: sequence classification on labelled .jsonl (train_cls; the spec gains the head)
+        module, dataset, spec = prepare_cls(model, spec, data, tokenizer=tokenizer, seq_len=seq_len,
+                                            batch_size=batch_size * ctx.world, eval_split=eval_split, seed=seed,
+                                            console=console if ctx.is_main else None)
+    else:
+        module, tok = _resolve_model(model, tokenizer, seed)
+        dataset = build_dataset(data, tok, seq_len=seq_len, batch_size=batch_size * ctx.world,
+                                eval_split=eval_split, seed=seed)
+    loss_fn = cls_loss if classify else _lm_loss
+    if ctx.enabled and dataset.batch_size != batch_size * ctx.world:
+        raise AdapterhubError(f"the training data gives {dataset.batch_size} training sequences: fewer than one global "
+                              f"batch of {ctx.world} processes x --batch-size {batch_size}; give more data or a "
+                              "smaller --batch-size or --seq-len")
+    if ctx.device is not None:
+        module.to(ctx.device)
     total = steps if steps is not None else max(1, math.ceil(epochs * dataset.batches_per_epoch / grad_accum))
     if total < 1:
         raise AdapterhubError(f"--steps must be >= 1, got {total}")
@@ -224,26 +254,32 @@ def train(model: str | nn.Module, spec: Any, data: str | Path, *, out: str | Pat
     if resume:
         assert ckpt is not None
         state.update(load_checkpoint(ckpt, module, opt, run))
+    net = ctx.wrap(module)  # DDP after apply (tied tensors are already one Parameter) and after resume
     device = params[0].device
     module.train()
     start = time.perf_counter() - state["seconds"]
-    progress = _progress(console, total)
+    progress = _progress(console if ctx.is_main else None, total)
     task = progress.add_task("train", total=total, completed=state["step"], loss=float("nan"), tps=0.0) \
         if progress else None
     run_start, run_tokens = time.perf_counter(), 0
     try:
         while state["step"] < total:
             step = state["step"]
+            ctx.seed_step(seed, step)  # several processes: dropout masks differ per rank, resumable
             for g in opt.param_groups:
                 g["lr"] = lr * lr_factor(step, total, warmup_steps, schedule)
             step_loss = 0.0
             for micro in range(grad_accum):
                 ids, labels = dataset.batch(step * grad_accum + micro)
-                loss = _lm_loss(module, ids.to(device), labels.to(device), bf16)
-                (loss / grad_accum).backward()
-                step_loss += loss.item() / grad_accum
-                run_tokens += ids.numel()
-                state["tokens"] += ids.numel()
+                n_tokens = dataset.tokens(ids)  # the global micro-batch: tokens of every rank
+                run_tokens += n_tokens
+                state["tokens"] += n_tokens
+                ids, labels, weight = ctx.shard(ids, labels)
+                with ctx.no_sync(net, sync=micro == grad_accum - 1):  # DDP averages on the last micro-batch
+                    loss = loss_fn(net, ids.to(device), labels.to(device), bf16)
+                    (loss * weight / grad_accum).backward()
+                step_loss += loss.item() * weight / ctx.world / grad_accum
+            step_loss = ctx.all_reduce_sum([step_loss])[0]  # the global batch's loss (train_dist doc)
             opt.step()
             opt.zero_grad(set_to_none=True)
             state["step"] = step + 1
@@ -251,10 +287,10 @@ def train(model: str | nn.Module, spec: Any, data: str | Path, *, out: str | Pat
             if eval_every and state["step"] % eval_every == 0 and state["step"] < total:
                 ev = evaluate(module, dataset, bf16)
                 if ev is not None:
-                    state["eval_losses"].append([state["step"], ev])
+                    state["eval_losses"].append([state["step"], ctx.mean(ev)])
             state["seconds"] = time.perf_counter() - start
             if ckpt is not None and save_every and state["step"] % save_every == 0:
-                save_checkpoint(ckpt, module, opt, state)
+                on_main(ctx, save_checkpoint, ckpt, module, opt, state)
             if progress:
                 tps = run_tokens / max(1e-9, time.perf_counter() - run_start)
                 progress.update(task, completed=state["step"], loss=step_loss, tps=tps)
@@ -263,8 +299,10 @@ def train(model: str | nn.Module, spec: Any, data: str | Path, *, out: str | Pat
     finally:
         if progress:
             progress.stop()
-    final_eval = evaluate(module, dataset, bf16)
+    final = eval_metrics(module, dataset, bf16)
+    final_eval = final.get("eval_loss")
     if final_eval is not None:
+        final_eval = ctx.mean(final_eval)  # every rank evaluates the same weights; the mean keeps them equal
         state["eval_losses"].append([total, final_eval])
     module.eval()
     seconds = time.perf_counter() - start
@@ -273,13 +311,15 @@ def train(model: str | nn.Module, spec: Any, data: str | Path, *, out: str | Pat
                                "tokens_per_second": round(state["tokens"] / max(seconds, 1e-9), 1)}
     if final_eval is not None:
         metrics["eval_loss"] = round(final_eval, 6)
+    if "eval_accuracy" in final:
+        metrics["eval_accuracy"] = round(ctx.mean(final["eval_accuracy"]), 6)
     version = None
     if out_dir is not None:
         from .bundle import save
 
         if ckpt is not None and save_every:
-            save_checkpoint(ckpt, module, opt, state)
-        version = _save_bundle(save, module, out_dir, metrics, name)
+            on_main(ctx, save_checkpoint, ckpt, module, opt, state)
+        version = ctx.broadcast_str(on_main(ctx, _save_bundle, save, module, out_dir, metrics, name))
     return TrainResult(out_dir, metrics, list(state["losses"]),
                        [(int(s), float(v)) for s, v in state["eval_losses"]], module, version)
 

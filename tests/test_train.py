@@ -236,11 +236,7 @@ def test_cli_compare(tmp_path, corpus):
     assert rows[1]["trainable"] == 4 * rows[0]["trainable"]  # LoRA parameters grow linearly in r
     assert all(len(r["losses"]) == 2 and r["eval_loss"] is not None for r in rows)
     assert (out / "small" / "adapterhub.json").is_file() and (out / "big" / "adapterhub.json").is_file()
-    try:
-        import matplotlib  # noqa: F401
-        assert (out / "loss_curves.png").is_file()
-    except ImportError:
-        assert "matplotlib is not installed" in res.output
+    _check_png(out / "loss_curves.png", rows)
     res = CliRunner().invoke(build_cli(), ["train", str(specs[0]), "--compare", "--model", "tiny-llama", "--data",
                                            str(corpus)])
     assert res.exit_code == 1 and "at least two" in res.output
@@ -284,3 +280,31 @@ def test_public_api(corpus):
 
     r = adapterhub.train("tiny-llama", SPEC, corpus, steps=1, **SMALL)
     assert isinstance(r, adapterhub.TrainResult) and r.metrics["steps"] == 1
+
+
+def _check_png(path, rows):
+    """A real PNG of 7x4 inches at 120 dpi with the first two matplotlib colours (one per spec) drawn."""
+    pytest.importorskip("matplotlib")
+    import numpy as np
+    from matplotlib import colors
+    from matplotlib import image as mpimg
+
+    raw = path.read_bytes()
+    assert raw[:8] == b"\x89PNG\r\n\x1a\n" and len(raw) > 10_000
+    pixels = mpimg.imread(path)
+    assert pixels.shape[:2] == (4 * 120, 7 * 120)
+    rgb = (pixels[..., :3] * 255).round().astype(int).reshape(-1, 3)
+    for i in range(len(rows)):  # each spec's curve is drawn in its own colour
+        want = np.array([round(c * 255) for c in colors.to_rgb(f"C{i}")])
+        assert (np.abs(rgb - want).sum(1) <= 3).sum() > 50, f"no curve in colour C{i} for {rows[i]['spec']}"
+
+
+def test_compare_png_without_matplotlib_is_a_note(tmp_path, monkeypatch):
+    import sys
+
+    from adapterhub.cli_train import plot_losses
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    note = plot_losses([{"spec": "a", "losses": [1.0, 0.5], "eval_losses": []}], tmp_path / "loss_curves.png")
+    assert "matplotlib is not installed" in note and "compare.json" in note
+    assert not (tmp_path / "loss_curves.png").exists()
