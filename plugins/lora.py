@@ -23,6 +23,7 @@ fp64 base) on the base weight's device; the update is cast to the base output's 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -31,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adapterhub.registry import (
+    AdapterhubError,
     AdapterLayer,
     ApplyContext,
     ModuleInfo,
@@ -96,6 +98,18 @@ def set_lora_attributes(layer: AdapterLayer, r: int, alpha: float, dropout: floa
     layer.base_layer.requires_grad_(False)
 
 
+KERNEL_MODES = ("auto", "torch", "triton")
+
+
+def kernel_mode() -> str:
+    """``ADAPTERHUB_KERNELS``: ``auto`` (default: the fused Triton kernels of :mod:`._lora_kernel` on CUDA),
+    ``torch`` (never), ``triton`` (also on CPU tensors -- only with ``TRITON_INTERPRET=1``, for tests)."""
+    mode = os.environ.get("ADAPTERHUB_KERNELS", "").strip().lower() or "auto"
+    if mode not in KERNEL_MODES:
+        raise AdapterhubError(f"ADAPTERHUB_KERNELS={mode!r} is not one of: {', '.join(KERNEL_MODES)}")
+    return mode
+
+
 def init_lora_A(weight: torch.Tensor, init: str, r: int) -> None:
     """``kaiming_uniform(a=sqrt 5)`` (PEFT, loralib) or, for ``gaussian``, ``N(0, std=1/r)`` (PEFT)."""
     if init == "gaussian":
@@ -145,7 +159,15 @@ class LoraLayer(AdapterLayer):
         return (self.lora_embedding_A if self.kind == "embedding" else self.lora_A.weight).dtype
 
     def adapted_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """``base(x) + s * B A dropout(x)``, the update in the adapter's dtype."""
+        """``base(x) + s * B A dropout(x)``, the update in the adapter's dtype; over a Linear or 4-bit
+        base, without dropout in training, one fused Triton kernel on CUDA (see :func:`kernel_mode`)."""
+        if self.kind == "linear" and not args and not kwargs and (mode := kernel_mode()) != "torch" and (
+                x.is_cuda or mode == "triton"):
+            from ._lora_kernel import fused_lora_linear
+
+            fused = fused_lora_linear(self, x, forced=mode == "triton")
+            if fused is not None:
+                return fused
         result = self.base_layer(x, *args, **kwargs)
         if self.kind == "embedding":
             update = self._embed(x, self.lora_embedding_A.t()) @ self.lora_embedding_B.t()
