@@ -23,7 +23,10 @@ class Group(click.Group):
         try:
             return super().invoke(ctx)
         except AdapterhubError as exc:
-            click.echo(f"error: {exc}", err=True)
+            from .train_dist import is_main_process
+
+            if is_main_process():  # under torchrun every rank fails alike: say it once
+                click.echo(f"error: {exc}", err=True)
             ctx.exit(1)
 
 
@@ -166,3 +169,11 @@ _add_compose(cli)
 from .cli_train import add_commands as _add_train  # noqa: E402
 
 _add_train(cli)
+
+from .cli_generate import add_commands as _add_generate  # noqa: E402
+
+_add_generate(cli)
+
+from .cli_serve import add_commands as _add_serve  # noqa: E402
+
+_add_serve(cli)
