@@ -167,7 +167,7 @@ def nf4_lora_gemm(x: torch.Tensor, module: Bnb4bitLinear, *, transpose: bool = F
         DOUBLE_QUANT=dq, NESTED=NESTED_BLOCKSIZE, W_CODE=_CODES[module.weight_dtype], C_CODE=_CODES[cdtype],
         HAS_BIAS=bias is not None, PRECISION=precision(x), UPCAST=interpreter_upcast(module.weight_dtype, x)
         or interpreter_upcast(cdtype, x), ROUND_OUT=interpreter_upcast(out.dtype, x),
-        GROUP_M=8, **blocks)
+        GROUP_M=8, enable_fp_fusion=False, **blocks)  # no FMA: scale * code + offset rounds like bitsandbytes
     return out
 
 

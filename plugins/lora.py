@@ -23,7 +23,6 @@ fp64 base) on the base weight's device; the update is cast to the base output's 
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -32,7 +31,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from adapterhub.registry import (
-    AdapterhubError,
     AdapterLayer,
     ApplyContext,
     ModuleInfo,
@@ -43,6 +41,8 @@ from adapterhub.registry import (
     hookimpl,
     param,
 )
+
+from ._triton import kernel_mode
 
 
 @dataclass(frozen=True)
@@ -96,18 +96,6 @@ def set_lora_attributes(layer: AdapterLayer, r: int, alpha: float, dropout: floa
     layer.scaling = lora_scaling(layer.r, layer.alpha, layer.rslora)
     layer.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
     layer.base_layer.requires_grad_(False)
-
-
-KERNEL_MODES = ("auto", "torch", "triton")
-
-
-def kernel_mode() -> str:
-    """``ADAPTERHUB_KERNELS``: ``auto`` (default: the fused Triton kernels of :mod:`._lora_kernel` on CUDA),
-    ``torch`` (never), ``triton`` (also on CPU tensors -- only with ``TRITON_INTERPRET=1``, for tests)."""
-    mode = os.environ.get("ADAPTERHUB_KERNELS", "").strip().lower() or "auto"
-    if mode not in KERNEL_MODES:
-        raise AdapterhubError(f"ADAPTERHUB_KERNELS={mode!r} is not one of: {', '.join(KERNEL_MODES)}")
-    return mode
 
 
 def init_lora_A(weight: torch.Tensor, init: str, r: int) -> None:
@@ -173,6 +161,8 @@ class LoraLayer(AdapterLayer):
             update = self._embed(x, self.lora_embedding_A.t()) @ self.lora_embedding_B.t()
         else:
             update = self.lora_B(self.lora_A(self.lora_dropout(x.to(self.adapter_dtype))))
+        if update.dtype == result.dtype:  # one pass: result + s * update
+            return torch.add(result, update, alpha=self.scaling)
         return result + (update * self.scaling).to(result.dtype)
 
     def _embed(self, ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

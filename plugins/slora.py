@@ -13,10 +13,10 @@ and a slot per batch row ``s_b`` (``-1``: no adapter). For every row ``b`` of ``
 
 in one pass, with no Python loop over adapters. The torch reference gathers the rows' A and B
 (cut to the batch's largest rank) and runs two batched matmuls; rows without an adapter are left
-out and the update is index-added. On CUDA (or with ``ADAPTERHUB_SLORA_TRITON=1``, e.g. on CPU under
+out and the update is index-added. On CUDA (or with ``ADAPTERHUB_KERNELS=triton``, e.g. on CPU under
 ``TRITON_INTERPRET=1``) it runs the Triton kernels of :mod:`adapterhub.plugins._slora_kernel`:
 BGMV shrink/expand for decode (``T == 1``) and segmented SGMV for prefill, stopping at each slot's
-rank and applying its scaling in the kernel. ``ADAPTERHUB_SLORA_TRITON=0`` forces the torch path.
+rank and applying its scaling in the kernel. ``ADAPTERHUB_KERNELS=torch`` forces the torch path.
 
 The buffers carry no trainable tensors and are not saved (non-persistent): an
 :class:`adapterhub.adapter_pool.AdapterPool` fills the slots from LoRA bundles and sets the rows.
@@ -26,7 +26,6 @@ a layer serving many adapters at once has no single weight delta.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -46,10 +45,10 @@ from adapterhub.registry import (
     param,
 )
 
-from ._triton import use_triton
+from ._triton import kernel_mode, triton_available, use_triton
 from .lora import adapter_factory
 
-KERNEL_ENV = "ADAPTERHUB_SLORA_TRITON"
+KERNEL_ENV = "ADAPTERHUB_KERNELS"
 
 
 @dataclass(frozen=True)
@@ -102,13 +101,8 @@ class SlotState:
 
 
 def kernel_requested(*tensors: torch.Tensor) -> bool:
-    """Kernels on CUDA (unless ``ADAPTERHUB_SLORA_TRITON=0``), anywhere with ``ADAPTERHUB_SLORA_TRITON=1``."""
-    flag = os.environ.get(KERNEL_ENV)
-    if flag == "0":
-        return False
-    if flag == "1":
-        from ._triton import triton_available
-
+    """Kernels on CUDA (``ADAPTERHUB_KERNELS=auto``), never with ``torch``, anywhere with ``triton``."""
+    if kernel_mode() == "triton":
         return triton_available()
     return use_triton(*tensors)
 

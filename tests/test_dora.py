@@ -245,21 +245,23 @@ def test_dropout_only_on_the_lora_term():
 
 
 @pytest.mark.parametrize("out_f, in_f, r, transposed", [(48, 80, 4, False), (33, 70, 5, True), (17, 130, 20, False)])
-def test_triton_row_norm_matches_torch(out_f, in_f, r, transposed):
+def test_triton_row_norm_matches_torch(out_f, in_f, r, transposed, kernel_device):
     pytest.importorskip("triton")
     g = torch.Generator().manual_seed(out_f)
-    w0 = torch.randn(in_f, out_f, generator=g).t() if transposed else torch.randn(out_f, in_f, generator=g)
-    a = torch.randn(r, in_f, generator=g)
-    b = torch.randn(out_f, r, generator=g)
+    dev = kernel_device
+    w0 = (torch.randn(in_f, out_f, generator=g).to(dev).t() if transposed
+          else torch.randn(out_f, in_f, generator=g).to(dev))
+    a = torch.randn(r, in_f, generator=g).to(dev)
+    b = torch.randn(out_f, r, generator=g).to(dev)
     got = dora_row_norm_triton(w0, a, b, 0.7, block_out=16, block_in=32)
     torch.testing.assert_close(got, dora_row_norm_torch(w0, a, b, 0.7), rtol=1e-5, atol=1e-5)
 
 
-def test_triton_row_norm_half_weight_and_bad_shapes():
+def test_triton_row_norm_half_weight_and_bad_shapes(kernel_device):
     pytest.importorskip("triton")
     g = torch.Generator().manual_seed(0)
-    w0 = torch.randn(24, 40, generator=g).to(torch.float16)
-    a, b = torch.randn(3, 40, generator=g), torch.randn(24, 3, generator=g)
+    w0 = torch.randn(24, 40, generator=g).to(torch.float16).to(kernel_device)
+    a, b = (t.to(kernel_device) for t in (torch.randn(3, 40, generator=g), torch.randn(24, 3, generator=g)))
     torch.testing.assert_close(dora_row_norm_triton(w0, a, b, 2.0), dora_row_norm_torch(w0, a, b, 2.0),
                                rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="do not fit"):
@@ -267,21 +269,26 @@ def test_triton_row_norm_half_weight_and_bad_shapes():
 
 
 @pytest.mark.parametrize("kind", ["conv1d", "nf4"])
-def test_forward_dispatches_to_the_kernel(kind, monkeypatch):
+def test_forward_dispatches_to_the_kernel(kind, monkeypatch, kernel_device):
+    """The torch path vs the kernel: forced on CPU (interpreter), the automatic dispatch on CUDA."""
     pytest.importorskip("triton")
     base = make_base(kind)
     layer = wrap(base, r=4, alpha=8)
     randomize(layer)
-    x = x_for(layer)
+    layer.to(kernel_device)
+    x = x_for(layer).to(kernel_device)
+    monkeypatch.setenv("ADAPTERHUB_KERNELS", "torch")
     with torch.no_grad():
         expected = layer(x)
+    monkeypatch.delenv("ADAPTERHUB_KERNELS")
     calls = []
 
     def counting(*args, **kwargs):
         calls.append(1)
         return dora_row_norm_triton(*args, **kwargs)
 
-    monkeypatch.setattr(dora_mod, "use_triton", lambda *tensors: True)  # as on CUDA
+    if kernel_device.type == "cpu":
+        monkeypatch.setattr(dora_mod, "use_triton", lambda *tensors: True)  # as on CUDA
     monkeypatch.setattr(dora_mod, "dora_row_norm_triton", counting)
     with torch.no_grad():
         got = layer(x)

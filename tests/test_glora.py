@@ -111,11 +111,11 @@ def test_gradients_match_dense_autograd():
 
 @pytest.mark.parametrize("n, out_f, in_f, r, transposed", [(5, 19, 23, 3, False), (1, 33, 17, 1, True),
                                                              (9, 40, 37, 4, True)])
-def test_triton_kernel_matches_torch(n, out_f, in_f, r, transposed):
+def test_triton_kernel_matches_torch(n, out_f, in_f, r, transposed, kernel_device):
     pytest.importorskip("triton")
     from adapterhub.plugins._glora_kernel import hadamard_lowrank_matmul_triton
 
-    x, w, d, u = _operands(n, out_f, in_f, r, seed=n)
+    x, w, d, u = (t.to(kernel_device) for t in _operands(n, out_f, in_f, r, seed=n))
     if transposed:  # GPT-2's Conv1D: W0 is a transposed view of an in x out weight
         w = w.t().contiguous().t()
     got = hadamard_lowrank_matmul_triton(x.reshape(1, n, in_f), w, d, u, block_m=16, block_n=16, block_k=16)
@@ -124,11 +124,11 @@ def test_triton_kernel_matches_torch(n, out_f, in_f, r, transposed):
     assert torch.allclose(got, want, atol=1e-4, rtol=1e-5)
 
 
-def test_triton_kernel_checks_shapes():
+def test_triton_kernel_checks_shapes(kernel_device):
     pytest.importorskip("triton")
     from adapterhub.plugins._glora_kernel import hadamard_lowrank_matmul_triton
 
-    x, w, d, u = _operands(2, 5, 4, 2)
+    x, w, d, u = (t.to(kernel_device) for t in _operands(2, 5, 4, 2))
     with pytest.raises(ValueError, match="shapes do not fit"):
         hadamard_lowrank_matmul_triton(x, w, d[:3], u)
 
@@ -284,19 +284,24 @@ def test_float64_and_bfloat16_bases():
     assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()
 
 
-def test_layer_through_the_kernel_path(monkeypatch):
-    """The layer's forward and backward with the Triton kernel (interpreted) equal the torch path."""
+def test_layer_through_the_kernel_path(monkeypatch, kernel_device):
+    """The layer's forward and backward with the Triton kernel (interpreted on CPU, forced there; the
+    automatic dispatch on CUDA) equal the torch path."""
     pytest.importorskip("triton")
     import adapterhub.plugins._glora_kernel as kernel
 
     torch.manual_seed(0)
     layer = wrap(nn.Linear(19, 13), r=3)
     randomize(layer)
-    x = torch.randn(2, 5, 19)
+    layer.to(kernel_device)
+    x = torch.randn(2, 5, 19).to(kernel_device)
     params = layer.trainable_parameters()
+    monkeypatch.setenv("ADAPTERHUB_KERNELS", "torch")
     want = layer(x)
     grads_want = torch.autograd.grad(want.square().sum(), params)
-    monkeypatch.setattr(kernel, "use_triton", lambda *tensors: True)
+    monkeypatch.delenv("ADAPTERHUB_KERNELS")
+    if kernel_device.type == "cpu":
+        monkeypatch.setattr(kernel, "use_triton", lambda *tensors: True)
     got = layer(x)
     grads_got = torch.autograd.grad(got.square().sum(), params)
     assert torch.allclose(got, want, atol=1e-5)

@@ -5,6 +5,9 @@ multiples of the 16-wide interpreter tiles. Expected values come from the formul
 ``y = x W^T + b + s (x A^T) B^T`` and its hand-derived gradients, and from the layer's torch path.
 Tolerances, relative to the largest reference entry: fp32 2e-6; fp16 4e-3; bf16 2e-2 (the
 kernel rounds once, the torch path two or three times, each bf16 rounding up to 2^-9).
+Under ``ADAPTERHUB_TEST_TRITON_GPU=1`` the same tests run compiled on CUDA tensors (``kernel_device``),
+layers through the automatic dispatch (``kernel_env``); the tolerances are the same there (fp32 dots are
+IEEE in both the kernels and torch unless TF32 is switched on; 16-bit products are exact in fp32).
 """
 
 from __future__ import annotations
@@ -28,17 +31,20 @@ TOL = {torch.float32: 2e-6, torch.float16: 4e-3, torch.bfloat16: 2e-2}
 
 
 def rel(a: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((a.double() - ref.double()).abs().max() / ref.double().abs().max().clamp_min(1e-30)).item()
+    """Largest error relative to the largest reference entry, in float64 on CPU (any devices)."""
+    a, ref = a.detach().cpu().double(), ref.detach().cpu().double()
+    return ((a - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
 
 
-def operands(m, k, n, r, dtype, bias=True, seed=0):
+def operands(m, k, n, r, dtype, bias=True, seed=0, device="cpu"):
+    """Random operands drawn on CPU (the same values on every device), then moved to ``device``."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(m, k, generator=g).to(dtype)
     W = torch.randn(n, k, generator=g).to(dtype)
     b = torch.randn(n, generator=g).to(dtype) if bias else None
     A = torch.randn(r, k, generator=g) / k ** 0.5
     B = torch.randn(n, r, generator=g)
-    return x, W, b, A, B
+    return tuple(t.to(device) if t is not None else None for t in (x, W, b, A, B))
 
 
 def formula(x, W, b, A, B, s, g):
@@ -52,15 +58,15 @@ def formula(x, W, b, A, B, s, g):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("m, k, n, r, bias", [(19, 37, 24, 5, True), (3, 17, 20, 1, False), (5, 20, 18, 128, True)])
-def test_forward_and_gradients_match_formula(dtype, m, k, n, r, bias):
-    x, W, b, A, B = operands(m, k, n, r, dtype, bias)
+def test_forward_and_gradients_match_formula(dtype, m, k, n, r, bias, kernel_device):
+    x, W, b, A, B = operands(m, k, n, r, dtype, bias, device=kernel_device)
     leaves = {"x": x.requires_grad_(), "A": A.requires_grad_(), "B": B.requires_grad_()}
     if b is not None:
         leaves["b"] = b.requires_grad_()
     s = 0.75
     y = lk.lora_linear(x, W, b, A, B, s)
     assert y.dtype == dtype and y.shape == (m, n)
-    g = torch.randn(m, n, generator=torch.Generator().manual_seed(1)).to(dtype)
+    g = torch.randn(m, n, generator=torch.Generator().manual_seed(1)).to(dtype).to(kernel_device)
     (y * g).sum().backward()
     want_y, want = formula(x.detach(), W, b, A.detach(), B.detach(), s, g)
     assert rel(y, want_y) < TOL[dtype]
@@ -70,35 +76,40 @@ def test_forward_and_gradients_match_formula(dtype, m, k, n, r, bias):
     assert not W.requires_grad and W.grad is None
 
 
-def test_strided_inputs_and_leading_dims():
-    x, W, b, A, B = operands(12, 21, 19, 6, torch.float32)
+def test_strided_inputs_and_leading_dims(kernel_device):
+    x, W, b, A, B = operands(12, 21, 19, 6, torch.float32, device=kernel_device)
     x3 = x.reshape(3, 4, 21).transpose(0, 1)  # non-contiguous, 3-D
     W_t = W.t().contiguous().t()  # column-major weight
     B_wide = torch.stack([B, -B], 2).reshape(19, 12)[:, ::2]  # B itself, with strided columns
     y = lk.lora_linear(x3, W_t, b, A, B_wide, 2.0)
     assert y.shape == (4, 3, 19)
-    want, _ = formula(x3.reshape(-1, 21), W, b, A, B, 2.0, torch.zeros(12, 19))
+    want, _ = formula(x3.reshape(-1, 21), W, b, A, B, 2.0, torch.zeros(12, 19, device=kernel_device))
     assert rel(y.reshape(-1, 19), want) < TOL[torch.float32]
 
 
-def test_shrink_and_gemm_building_blocks():
+def test_shrink_and_gemm_building_blocks(kernel_device):
     g = torch.Generator().manual_seed(3)
-    x, p = torch.randn(23, 40, generator=g).half(), torch.randn(40, 70, generator=g)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g).to(kernel_device)
+
+    x, p = randn(23, 40).half(), randn(40, 70)
     got = lk.shrink(x, p, 0.5)
     assert got.dtype == torch.float32 and rel(got, 0.5 * x.double() @ p.double()) < 1e-6
-    long_x, long_p = torch.randn(20, 150, generator=g), torch.randn(150, 3, generator=g)
-    assert lk.shrink_splits(2, 10, long_x) == 4  # the inner 150 cut into slices, summed after
+    long_x, long_p = randn(20, 150), randn(150, 3)
+    # CPU: the inner 150 is cut into 4 slices, summed after; CUDA: min(2 programs per SM, 10 steps // 4)
+    assert lk.shrink_splits(2, 10, long_x) == (4 if kernel_device.type == "cpu" else 2)
     assert rel(lk.shrink(long_x, long_p, 2.0), 2.0 * long_x.double() @ long_p.double()) < 1e-6
-    w = torch.randn(40, 33, generator=g).half()
-    low, up = torch.randn(23, 3, generator=g), torch.randn(3, 33, generator=g)
+    w = randn(40, 33).half()
+    low, up = randn(23, 3), randn(3, 33)
     out = lk.lora_gemm(x, w, None, low, up, -1.5, torch.float32)
     assert rel(out, x.double() @ w.double() - 1.5 * low.double() @ up.double()) < 1e-6
 
 
-def test_backward_saves_only_x_and_xa():
+def test_backward_saves_only_x_and_xa(kernel_device):
     """Nothing of shape M x N (x W^T, y) is kept for backward: only x, xa (M x r) and the parameters."""
     m, k, n, r = 9, 22, 31, 3
-    x, W, b, A, B = operands(m, k, n, r, torch.float32)
+    x, W, b, A, B = operands(m, k, n, r, torch.float32, device=kernel_device)
     x.requires_grad_()
     A.requires_grad_()
     B.requires_grad_()
@@ -112,8 +123,8 @@ def test_backward_saves_only_x_and_xa():
     assert W.grad is None and x.grad is not None
 
 
-def test_trainable_base_weight_is_refused():
-    x, W, b, A, B = operands(4, 16, 16, 2, torch.float32)
+def test_trainable_base_weight_is_refused(kernel_device):
+    x, W, b, A, B = operands(4, 16, 16, 2, torch.float32, device=kernel_device)
     W.requires_grad_()
     with pytest.raises(RuntimeError, match="frozen"):
         lk.lora_linear(x, W, b, A, B, 1.0).sum().backward()
@@ -149,7 +160,7 @@ def perturbed(model: nn.Module, seed: int = 4) -> nn.Module:
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.2)
+                p.add_(torch.randn(p.shape, generator=g).to(p.device) * 0.2)
     return model
 
 
@@ -160,15 +171,17 @@ def logits_and_grads(model: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor,
     return logits.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
 
 
-def compare_paths(spec: str, monkeypatch, launches, tol: float) -> None:
-    """Logits and every adapter gradient, torch path vs fused path, on tiny-llama."""
+def compare_paths(spec: str, monkeypatch, launches, tol: float, device: torch.device | str = "cpu",
+                  kernel_env: str = "triton") -> None:
+    """Logits and every adapter gradient, torch path vs fused path (``ADAPTERHUB_KERNELS=kernel_env``:
+    ``triton`` forces it on CPU, ``auto`` takes it on CUDA), on tiny-llama on ``device``."""
     monkeypatch.setattr(lk, "INTERPRET_TILE", 64)  # the interpreter's cost is per program; edges are tested above
-    model = perturbed(adapterhub.apply(build_builtin("tiny-llama"), spec))
-    ids = torch.randint(0, 256, (1, 6), generator=torch.Generator().manual_seed(5))
+    model = perturbed(adapterhub.apply(build_builtin("tiny-llama"), spec)).to(device)
+    ids = torch.randint(0, 256, (1, 6), generator=torch.Generator().manual_seed(5)).to(device)
     monkeypatch.setenv("ADAPTERHUB_KERNELS", "torch")
     want_logits, want_grads = logits_and_grads(model, ids)
     assert launches == []
-    monkeypatch.setenv("ADAPTERHUB_KERNELS", "triton")
+    monkeypatch.setenv("ADAPTERHUB_KERNELS", kernel_env)
     got_logits, got_grads = logits_and_grads(model, ids)
     n_layers = len(list(adapterhub.adapter_layers(model)))
     # one fused forward per layer and one fused dx per layer but q/k/v of block 0 (their input, the
@@ -180,8 +193,8 @@ def compare_paths(spec: str, monkeypatch, launches, tol: float) -> None:
         assert rel(a, b) < tol
 
 
-def test_applied_model_same_logits_and_grads(monkeypatch, launches):
-    compare_paths("attn.* -> lora(r=4)", monkeypatch, launches, 1e-5)
+def test_applied_model_same_logits_and_grads(monkeypatch, launches, kernel_device, kernel_env):
+    compare_paths("attn.* -> lora(r=4)", monkeypatch, launches, 1e-5, kernel_device, kernel_env)
     assert set(launches) == {"lora_gemm"}
 
 
@@ -197,11 +210,11 @@ def test_mode_torch_auto_on_cpu_and_bad_value(monkeypatch, launches):
         model(ids)
 
 
-def test_dropout_in_training_and_conv1d_stay_on_torch(monkeypatch, launches):
-    monkeypatch.setenv("ADAPTERHUB_KERNELS", "triton")
+def test_dropout_in_training_and_conv1d_stay_on_torch(monkeypatch, launches, kernel_device, kernel_env):
+    monkeypatch.setenv("ADAPTERHUB_KERNELS", kernel_env)
     lin = nn.Linear(20, 18)
-    layer = perturbed(LoraLayer(lin, r=3, dropout=0.5))
-    x = torch.randn(5, 20)
+    layer = perturbed(LoraLayer(lin, r=3, dropout=0.5)).to(kernel_device)
+    x = torch.randn(5, 20).to(kernel_device)
     layer.train()
     layer(x)
     assert launches == []
@@ -212,12 +225,12 @@ def test_dropout_in_training_and_conv1d_stay_on_torch(monkeypatch, launches):
     monkeypatch.setenv("ADAPTERHUB_KERNELS", "torch")
     with torch.no_grad():
         assert rel(got, layer(x)) < 1e-6
-    monkeypatch.setenv("ADAPTERHUB_KERNELS", "triton")
-    gpt2 = adapterhub.apply(build_builtin("tiny-gpt2"), "c_attn -> lora(r=2)")
-    gpt2(torch.randint(0, 256, (1, 4)))
+    monkeypatch.setenv("ADAPTERHUB_KERNELS", kernel_env)
+    gpt2 = adapterhub.apply(build_builtin("tiny-gpt2"), "c_attn -> lora(r=2)").to(kernel_device)
+    gpt2(torch.randint(0, 256, (1, 4)).to(kernel_device))
     assert launches == ["lora_gemm"]  # Conv1D bases are not fused
-    lin64 = LoraLayer(nn.Linear(8, 8).double(), r=2)
-    lin64(torch.randn(2, 8, dtype=torch.float64))
+    lin64 = LoraLayer(nn.Linear(8, 8).double(), r=2).to(kernel_device)
+    lin64(torch.randn(2, 8, dtype=torch.float64).to(kernel_device))
     assert launches == ["lora_gemm"]  # fp64 is not a kernel dtype
 
 
@@ -243,8 +256,8 @@ def test_adapterhub_imports_and_runs_without_triton():
     assert "the fused LoRA kernels need triton" in done.stdout
 
 
-def test_bench_fn_times_both_paths():
-    got = lk.bench_fn((4, 16, 16, 2), dtype=torch.float32, device="cpu")
+def test_bench_fn_times_both_paths(kernel_device):
+    got = lk.bench_fn((4, 16, 16, 2), dtype=torch.float32, device=kernel_device.type)
     assert set(got) == {"fused_ms", "torch_ms", "ratio"}
     assert got["fused_ms"] > 0 and got["torch_ms"] > 0
     assert got["ratio"] == pytest.approx(got["fused_ms"] / got["torch_ms"])

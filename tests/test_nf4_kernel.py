@@ -4,7 +4,9 @@ Under ``TRITON_INTERPRET=1`` on awkward widths (32 and 96, where bitsandbytes' o
 wrong; 72, 200; an odd element count). The dequantization is checked bit for bit against a decoder
 written here from the format (codes high nibble first, double-quantized block scales) and against
 ``Bnb4bitLinear.dequantize``: multiplying the identity reads the decoded weight back exactly.
-Products vs float64: fp32 2e-6 relative to the largest entry; bf16 2e-2.
+Products vs float64: fp32 2e-6 relative to the largest entry; bf16 2e-2. Under
+``ADAPTERHUB_TEST_TRITON_GPU=1`` the modules are quantized on CPU (the same codes) and moved to CUDA
+(``kernel_device``), where the kernel is compiled and layers reach it through the automatic dispatch.
 """
 
 from __future__ import annotations
@@ -29,48 +31,54 @@ NF4 = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.
 
 
 def decode(q) -> torch.Tensor:
-    """``w[i] = NF4[code(i)] * absmax(i // blocksize)``, element 2k in the high nibble of byte k."""
+    """``w[i] = NF4[code(i)] * absmax(i // blocksize)``, element 2k in the high nibble of byte k.
+
+    Decoded on CPU from the module's buffers, returned on their device."""
     n = q.out_features * q.in_features
-    b = q.qweight.reshape(-1).long()
+    b = q.qweight.cpu().reshape(-1).long()
     codes = torch.stack([b >> 4, b & 15], 1).reshape(-1)[:n]
     if q.double_quant:
-        j = torch.arange(q.absmax.numel())
-        scales = q.nested_quant_map[q.absmax.long()] * q.nested_absmax[j // NESTED_BLOCKSIZE] + q.nested_offset
+        absmax, nested_map = q.absmax.cpu(), q.nested_quant_map.cpu()
+        j = torch.arange(absmax.numel())
+        scales = nested_map[absmax.long()] * q.nested_absmax.cpu()[j // NESTED_BLOCKSIZE] + q.nested_offset.cpu()
     else:
-        scales = q.absmax.float()
+        scales = q.absmax.cpu().float()
     w = torch.tensor(NF4)[codes] * scales[torch.arange(n) // q.blocksize]
-    return w.reshape(q.out_features, q.in_features).to(q.weight_dtype)
+    return w.reshape(q.out_features, q.in_features).to(q.weight_dtype).to(q.qweight.device)
 
 
-def nf4(out_f, in_f, dtype=torch.float32, bias=True, seed=0, cls=Nf4Linear, **kw):
+def nf4(out_f, in_f, dtype=torch.float32, bias=True, seed=0, cls=Nf4Linear, device="cpu", **kw):
+    """A 4-bit module quantized on CPU (the same codes for every device), then moved to ``device``."""
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(out_f, in_f, generator=g).to(dtype)
-    return cls(w, torch.randn(out_f, generator=g).to(dtype) if bias else None, **kw)
+    return cls(w, torch.randn(out_f, generator=g).to(dtype) if bias else None, **kw).to(device)
 
 
 @pytest.mark.parametrize("double_quant", [True, False])
 @pytest.mark.parametrize("in_f, out_f, blocksize", [(32, 5, 64), (96, 5, 64), (72, 7, 32), (200, 3, 64), (33, 3, 64)])
-def test_fused_matmul_equals_dequantize_then_matmul(in_f, out_f, blocksize, double_quant):
-    q = nf4(out_f, in_f, blocksize=blocksize, double_quant=double_quant)
+def test_fused_matmul_equals_dequantize_then_matmul(in_f, out_f, blocksize, double_quant, kernel_device):
+    q = nf4(out_f, in_f, blocksize=blocksize, double_quant=double_quant, device=kernel_device)
     W = q.dequantize()
     torch.testing.assert_close(W, decode(q), rtol=0, atol=0)
     # the identity reads the decoded weight back bit for bit, in both orientations
-    torch.testing.assert_close(nk.nf4_lora_gemm(torch.eye(in_f), q).t(), W, rtol=0, atol=0)
-    torch.testing.assert_close(nk.nf4_lora_gemm(torch.eye(out_f), q, transpose=True), W, rtol=0, atol=0)
+    eye_in, eye_out = torch.eye(in_f, device=kernel_device), torch.eye(out_f, device=kernel_device)
+    torch.testing.assert_close(nk.nf4_lora_gemm(eye_in, q).t(), W, rtol=0, atol=0)
+    torch.testing.assert_close(nk.nf4_lora_gemm(eye_out, q, transpose=True), W, rtol=0, atol=0)
     g = torch.Generator().manual_seed(1)
-    x, gy = torch.randn(9, in_f, generator=g), torch.randn(9, out_f, generator=g)
+    x, gy = (t.to(kernel_device) for t in (torch.randn(9, in_f, generator=g), torch.randn(9, out_f, generator=g)))
     assert rel(nk.nf4_lora_gemm(x, q, bias=q.bias), x.double() @ W.double().t() + q.bias.double()) < 2e-6
     assert rel(nk.nf4_lora_gemm(gy, q, transpose=True), gy.double() @ W.double()) < 2e-6
 
 
 @pytest.mark.parametrize("cls, dtype", [(Nf4Linear, torch.bfloat16), (Nf4Linear, torch.float16),
                                         (Fp4Linear, torch.bfloat16)])
-def test_16bit_weights_round_exactly_like_dequantize(cls, dtype):
-    q = nf4(5, 96, dtype, cls=cls, double_quant=True)
+def test_16bit_weights_round_exactly_like_dequantize(cls, dtype, kernel_device):
+    q = nf4(5, 96, dtype, cls=cls, double_quant=True, device=kernel_device)
     W = q.dequantize()
     assert W.dtype == dtype
-    torch.testing.assert_close(nk.nf4_lora_gemm(torch.eye(96, dtype=dtype), q).t(), W, rtol=0, atol=0)
-    torch.testing.assert_close(nk.nf4_lora_gemm(torch.eye(5, dtype=dtype), q, transpose=True), W, rtol=0, atol=0)
+    eye_in, eye_out = (torch.eye(n, dtype=dtype, device=kernel_device) for n in (96, 5))
+    torch.testing.assert_close(nk.nf4_lora_gemm(eye_in, q).t(), W, rtol=0, atol=0)
+    torch.testing.assert_close(nk.nf4_lora_gemm(eye_out, q, transpose=True), W, rtol=0, atol=0)
 
 
 @pytest.fixture
@@ -86,7 +94,7 @@ def run(layer, x, g):
     layer.zero_grad()
     x = x.detach().clone().requires_grad_()
     y = layer(x)
-    (y.float() * g).sum().backward()
+    (y.float() * g.to(y.device)).sum().backward()
     return y.detach(), x.grad, layer.lora_A.weight.grad.clone(), layer.lora_B.weight.grad.clone()
 
 
@@ -95,15 +103,16 @@ def run(layer, x, g):
     (torch.bfloat16, torch.bfloat16, None, 2e-2),
     (torch.bfloat16, torch.bfloat16, torch.float32, 2e-2),
 ])
-def test_qlora_layer_forward_and_grads_equal_torch_path(monkeypatch, launches, wdtype, xdtype, compute, tol):
-    q = nf4(40, 72, wdtype, blocksize=32, double_quant=True, compute_dtype=compute)
+def test_qlora_layer_forward_and_grads_equal_torch_path(monkeypatch, launches, wdtype, xdtype, compute, tol,
+                                                        kernel_device, kernel_env):
+    q = nf4(40, 72, wdtype, blocksize=32, double_quant=True, compute_dtype=compute, device=kernel_device)
     layer = layer_on(q)
     gen = torch.Generator().manual_seed(3)
-    x = torch.randn(2, 7, 72, generator=gen).to(xdtype)
-    g = torch.randn(2, 7, 40, generator=gen)
+    x = torch.randn(2, 7, 72, generator=gen).to(xdtype).to(kernel_device)
+    g = torch.randn(2, 7, 40, generator=gen).to(kernel_device)
     monkeypatch.setenv("ADAPTERHUB_KERNELS", "torch")
     want = run(layer, x, g)
-    monkeypatch.setenv("ADAPTERHUB_KERNELS", "triton")
+    monkeypatch.setenv("ADAPTERHUB_KERNELS", kernel_env)
     got = run(layer, x, g)
     assert launches == ["nf4_lora_gemm", "nf4_lora_gemm"]  # forward; dx
     for name, a, b in zip(("y", "x", "A", "B"), got, want):
@@ -111,14 +120,14 @@ def test_qlora_layer_forward_and_grads_equal_torch_path(monkeypatch, launches, w
         assert rel(a, b) < tol, name
 
 
-def test_backward_never_builds_the_dense_weight(monkeypatch):
+def test_backward_never_builds_the_dense_weight(monkeypatch, kernel_device, kernel_env):
     """Neither pass calls ``dequantize``; saved for backward: x, xa and the adapter tensors only."""
-    q = nf4(24, 33, double_quant=False)
+    q = nf4(24, 33, double_quant=False, device=kernel_device)
     layer = layer_on(q, r=2)
     monkeypatch.setenv("ADAPTERHUB_KERNELS", "torch")
-    x = torch.randn(5, 33, generator=torch.Generator().manual_seed(4))
+    x = torch.randn(5, 33, generator=torch.Generator().manual_seed(4)).to(kernel_device)
     want = run(layer, x, torch.ones(5, 24))
-    monkeypatch.setenv("ADAPTERHUB_KERNELS", "triton")
+    monkeypatch.setenv("ADAPTERHUB_KERNELS", kernel_env)
 
     def refuse():
         raise AssertionError("the fused path dequantized the whole weight")
@@ -136,6 +145,6 @@ def test_backward_never_builds_the_dense_weight(monkeypatch):
         assert rel(a, b) < 2e-6
 
 
-def test_applied_qlora_model_same_logits_and_grads(monkeypatch, launches):
-    compare_paths("attn.* -> lora(r=4) on nf4", monkeypatch, launches, 1e-5)
+def test_applied_qlora_model_same_logits_and_grads(monkeypatch, launches, kernel_device, kernel_env):
+    compare_paths("attn.* -> lora(r=4) on nf4", monkeypatch, launches, 1e-5, kernel_device, kernel_env)
     assert set(launches) == {"nf4_lora_gemm"}

@@ -3,6 +3,8 @@
 Kernels run on CPU under ``TRITON_INTERPRET=1`` (tests/conftest.py) on small awkward shapes:
 non-power-of-two in/out, ranks 1..16 mixed in one batch, empty slots and rows with no adapter.
 Expected values are computed here row by row in float64, never taken from the module.
+Under ``ADAPTERHUB_TEST_TRITON_GPU=1`` the kernel tests put their tensors on CUDA (``kernel_device``)
+and the layers reach the kernels through the automatic dispatch; the tolerances are the same.
 """
 
 from __future__ import annotations
@@ -38,13 +40,14 @@ def filled_layer(base: nn.Module, seed: int = 0) -> tuple[SLoraLayer, list]:
 
 
 def formula(base: nn.Module, x: torch.Tensor, slots: list[int], adapters: list) -> torch.Tensor:
-    """Row by row in float64: base(x_b) + s * x_b A^T B^T for the row's adapter (none for -1 / empty)."""
+    """Row by row in float64 on CPU: base(x_b) + s * x_b A^T B^T for the row's adapter (none for -1 / empty)."""
     with torch.no_grad():
-        out = base(x).double()
+        out = base(x).double().cpu()
+    x = x.double().cpu()
     for row, slot in enumerate(slots):
         if slot >= 0 and adapters[slot] is not None:
             a, b, s = adapters[slot]
-            out[row] += s * (x[row].double() @ a.double().t() @ b.double().t())
+            out[row] += s * (x[row] @ a.double().t() @ b.double().t())
     return out
 
 
@@ -62,17 +65,19 @@ SLOT_ROWS = [2, -1, 0, 1, 4, 3, 2, 5, -1]
 @pytest.mark.parametrize("kind", ["linear", "conv1d"])
 @pytest.mark.parametrize("t", [1, 6])
 @pytest.mark.parametrize("path", ["torch", "triton"])
-def test_layer_rows_match_formula(kind, t, path, monkeypatch):
-    monkeypatch.setenv(sl.KERNEL_ENV, "1" if path == "triton" else "0")
+def test_layer_rows_match_formula(kind, t, path, monkeypatch, request):
+    device = request.getfixturevalue("kernel_device") if path == "triton" else torch.device("cpu")
+    monkeypatch.setenv(sl.KERNEL_ENV, request.getfixturevalue("kernel_env") if path == "triton" else "torch")
     if path == "triton":
         pytest.importorskip("triton")
     torch.manual_seed(0)
     base = nn.Linear(IN, OUT) if kind == "linear" else conv1d(IN, OUT)
     layer, adapters = filled_layer(base, seed=1)
-    x = torch.randn(len(SLOT_ROWS), t, IN, generator=torch.Generator().manual_seed(2))
+    layer.to(device)  # base too: the same module object
+    x = torch.randn(len(SLOT_ROWS), t, IN, generator=torch.Generator().manual_seed(2)).to(device)
     layer.set_rows(SLOT_ROWS)
     with torch.no_grad():
-        got = layer(x)
+        got = layer(x).cpu()
     want = formula(base, x, SLOT_ROWS, adapters)
     assert got.dtype == torch.float32
     assert torch.allclose(got.double(), want, atol=1e-4, rtol=1e-5), f"{(got.double() - want).abs().max():.2e}"
@@ -151,7 +156,8 @@ def test_variant_from_a_spec(tiny_gpt2):
 
 # --------------------------------------------------------------------------- kernels
 
-def kernel_case(n_tokens: int, seed: int = 7):
+def kernel_case(n_tokens: int, seed: int = 7, device="cpu"):
+    """A, B, scaling, rank, x drawn on CPU (the same values on every device), then moved to ``device``."""
     g = torch.Generator().manual_seed(seed)
     A = torch.zeros(SLOTS, R, IN)
     B = torch.zeros(SLOTS, OUT, R)
@@ -162,10 +168,12 @@ def kernel_case(n_tokens: int, seed: int = 7):
     scaling = torch.rand(SLOTS, generator=g) + 0.5
     rank = torch.tensor(RANKS, dtype=torch.int32)
     x = torch.randn(n_tokens, IN, generator=g)
-    return A, B, scaling, rank, x
+    return tuple(t.to(device) for t in (A, B, scaling, rank, x))
 
 
 def xa_formula(x, A, scaling, ranks, token_slots, r):
+    """float64 on CPU (inputs on any device)."""
+    x, A, scaling = x.cpu(), A.cpu(), scaling.cpu()
     out = torch.zeros(x.shape[0], r, dtype=torch.float64)
     for n, s in enumerate(token_slots):
         if s >= 0:
@@ -174,17 +182,18 @@ def xa_formula(x, A, scaling, ranks, token_slots, r):
     return out
 
 
-def test_bgmv_shrink_expand_match_formula():
+def test_bgmv_shrink_expand_match_formula(kernel_device):
     kern = pytest.importorskip("adapterhub.plugins._slora_kernel")
     slots = [2, -1, 0, 1, 4, 3, 5, 2, -1, 1, 0]
-    A, B, scaling, rank, x = kernel_case(len(slots))
-    ts = torch.tensor(slots, dtype=torch.int32)
+    A, B, scaling, rank, x = kernel_case(len(slots), device=kernel_device)
+    ts = torch.tensor(slots, dtype=torch.int32, device=kernel_device)
     xa = kern.bgmv_shrink(x, A, scaling, rank, ts, R)
     want_xa = xa_formula(x, A, scaling, RANKS, slots, R)
-    assert xa.dtype == torch.float32 and torch.allclose(xa.double(), want_xa, atol=1e-4, rtol=1e-5)
-    y0 = torch.randn(len(slots), OUT, generator=torch.Generator().manual_seed(8))
+    assert xa.dtype == torch.float32 and torch.allclose(xa.double().cpu(), want_xa, atol=1e-4, rtol=1e-5)
+    y0 = torch.randn(len(slots), OUT, generator=torch.Generator().manual_seed(8)).to(kernel_device)
     y = y0.clone()
     assert kern.bgmv_expand(xa, B, rank, ts, y) is y
+    B, y, y0 = B.cpu(), y.cpu(), y0.cpu()
     want = y0.double().clone()
     for n, s in enumerate(slots):
         if s >= 0:
@@ -193,17 +202,18 @@ def test_bgmv_shrink_expand_match_formula():
     assert torch.equal(y[1], y0[1]) and torch.equal(y[5], y0[5])  # no adapter / empty slot: untouched
 
 
-def test_bgmv_batch_rank_cut_and_half_output():
+def test_bgmv_batch_rank_cut_and_half_output(kernel_device):
     kern = pytest.importorskip("adapterhub.plugins._slora_kernel")
     slots = [0, 2, 5, -1]  # ranks 1, 5, 3: the batch needs only r = 5
-    A, B, scaling, rank, x = kernel_case(len(slots), seed=9)
-    ts = torch.tensor(slots, dtype=torch.int32)
+    A, B, scaling, rank, x = kernel_case(len(slots), seed=9, device=kernel_device)
+    ts = torch.tensor(slots, dtype=torch.int32, device=kernel_device)
     xa = kern.bgmv_shrink(x, A, scaling, rank, ts, 5)
     assert xa.shape == (4, 5)
-    assert torch.allclose(xa.double(), xa_formula(x, A, scaling, RANKS, slots, 5), atol=1e-4)
-    y0 = torch.randn(4, OUT, generator=torch.Generator().manual_seed(10)).half()
+    assert torch.allclose(xa.double().cpu(), xa_formula(x, A, scaling, RANKS, slots, 5), atol=1e-4)
+    y0 = torch.randn(4, OUT, generator=torch.Generator().manual_seed(10)).half().to(kernel_device)
     y = y0.clone()
     kern.bgmv_expand(xa, B, rank, ts, y)
+    B, xa, y, y0 = B.cpu(), xa.cpu(), y.cpu(), y0.cpu()
     want = y0.double().clone()
     for n, s in enumerate(slots):
         if s >= 0:
@@ -211,24 +221,25 @@ def test_bgmv_batch_rank_cut_and_half_output():
     assert y.dtype == torch.float16 and torch.allclose(y.double(), want, atol=2e-2, rtol=2e-3)
 
 
-def test_sgmv_segments_of_different_lengths():
+def test_sgmv_segments_of_different_lengths(kernel_device):
     kern = pytest.importorskip("adapterhub.plugins._slora_kernel")
     # tokens sorted by adapter: segments [0,5) slot 1, [5,6) slot 0, [6,23) slot 4, [23,26) empty slot 3,
     # [26,30) slot 2; tokens 30..32 belong to no segment (no adapter)
     starts, lens, seg_slots = [0, 5, 6, 23, 26], [5, 1, 17, 3, 4], [1, 0, 4, 3, 2]
     n = 33
-    A, B, scaling, rank, x = kernel_case(n, seed=11)
+    A, B, scaling, rank, x = kernel_case(n, seed=11, device=kernel_device)
     token_slots = [-1] * n
     for st, ln, s in zip(starts, lens, seg_slots):
         token_slots[st:st + ln] = [s] * ln
-    args = [torch.tensor(v, dtype=torch.int32) for v in (starts, lens, seg_slots)]
+    args = [torch.tensor(v, dtype=torch.int32, device=kernel_device) for v in (starts, lens, seg_slots)]
     xa = kern.sgmv_shrink(x, A, scaling, rank, *args, max(lens), R)
     want_xa = xa_formula(x, A, scaling, RANKS, token_slots, R)
     covered = [i for i, s in enumerate(token_slots) if s >= 0]
-    assert torch.allclose(xa[covered].double(), want_xa[covered], atol=1e-4, rtol=1e-5)
-    y0 = torch.randn(n, OUT, generator=torch.Generator().manual_seed(12))
+    assert torch.allclose(xa.cpu()[covered].double(), want_xa[covered], atol=1e-4, rtol=1e-5)
+    y0 = torch.randn(n, OUT, generator=torch.Generator().manual_seed(12)).to(kernel_device)
     y = y0.clone()
     kern.sgmv_expand(xa, B, rank, *args, max(lens), y)
+    B, y, y0 = B.cpu(), y.cpu(), y0.cpu()
     want = y0.double().clone()
     for i, s in enumerate(token_slots):
         if s >= 0:
@@ -237,32 +248,34 @@ def test_sgmv_segments_of_different_lengths():
     assert torch.equal(y[30:], y0[30:]) and torch.equal(y[23:26], y0[23:26])
 
 
-def test_kernels_reject_bad_shapes():
+def test_kernels_reject_bad_shapes(kernel_device):
     kern = pytest.importorskip("adapterhub.plugins._slora_kernel")
-    A, B, scaling, rank, x = kernel_case(3)
-    ts = torch.zeros(3, dtype=torch.int32)
+    A, B, scaling, rank, x = kernel_case(3, device=kernel_device)
+    ts = torch.zeros(3, dtype=torch.int32, device=kernel_device)
     with pytest.raises(ValueError, match="x must be"):
         kern.bgmv_shrink(x[:, :-1], A, scaling, rank, ts, 4)
     with pytest.raises(ValueError, match="rank 17"):
         kern.bgmv_shrink(x, A, scaling, rank, ts, R + 1)
     with pytest.raises(ValueError, match="y must be"):
-        kern.bgmv_expand(torch.zeros(3, 4), B, rank, ts, torch.zeros(3, OUT + 1))
+        kern.bgmv_expand(torch.zeros(3, 4, device=kernel_device), B, rank, ts,
+                         torch.zeros(3, OUT + 1, device=kernel_device))
 
 
-def test_layer_dispatch_follows_env(monkeypatch):
-    """ADAPTERHUB_SLORA_TRITON=1 sends the forward to the kernels (even on CPU), =0 to torch."""
+def test_layer_dispatch_follows_env(monkeypatch, kernel_device, kernel_env):
+    """ADAPTERHUB_KERNELS=triton sends the forward to the kernels (even on CPU; auto on CUDA), =torch to torch."""
     kern = pytest.importorskip("adapterhub.plugins._slora_kernel")
     calls = []
     real = kern.slora_add_
     monkeypatch.setattr(kern, "slora_add_", lambda *a, **k: calls.append(1) or real(*a, **k))
     layer, _ = filled_layer(nn.Linear(IN, OUT))
+    layer.to(kernel_device)
     layer.set_rows([1, -1])
-    x = torch.randn(2, 1, IN)
+    x = torch.randn(2, 1, IN).to(kernel_device)
     with torch.no_grad():
-        monkeypatch.setenv(sl.KERNEL_ENV, "0")
+        monkeypatch.setenv(sl.KERNEL_ENV, "torch")
         plain = layer(x)
         assert calls == []
-        monkeypatch.setenv(sl.KERNEL_ENV, "1")
+        monkeypatch.setenv(sl.KERNEL_ENV, kernel_env)
         fused = layer(x)
         assert calls == [1]
     assert torch.allclose(fused, plain, atol=1e-5)
@@ -270,10 +283,10 @@ def test_layer_dispatch_follows_env(monkeypatch):
         layer(x.clone().requires_grad_())
     assert calls == [1]
     monkeypatch.delenv(sl.KERNEL_ENV)
-    assert sl.kernel_requested(x) is False  # CPU tensors: torch unless forced
+    assert sl.kernel_requested(x.cpu()) is False  # CPU tensors: torch unless forced
 
 
-def test_pool_through_kernels_equals_torch(tmp_path, monkeypatch):
+def test_pool_through_kernels_equals_torch(tmp_path, monkeypatch, kernel_device, kernel_env):
     pytest.importorskip("triton")
     from adapterhub.adapter_pool import AdapterPool
 
@@ -281,18 +294,18 @@ def test_pool_through_kernels_equals_torch(tmp_path, monkeypatch):
 
     a = make_bundle(tmp_path / "a", "tiny-llama", "attn.{q,v}_proj -> lora(r=3)", seed=1)
     b = make_bundle(tmp_path / "b", "tiny-llama", "layers.[0..1].mlp.down_proj -> lora(r=11, rslora=true)", seed=2)
-    model = build_builtin("tiny-llama").eval()
+    model = build_builtin("tiny-llama").eval().to(kernel_device)
     pool = AdapterPool(model)
     pool.add(a)
     pool.add(b)
     rows = ["a", None, "b", "a"]
-    ids = torch.randint(1, 256, (4, 5), generator=torch.Generator().manual_seed(3))
+    ids = torch.randint(1, 256, (4, 5), generator=torch.Generator().manual_seed(3)).to(kernel_device)
     outs = {}
-    for flag in ("0", "1"):
-        monkeypatch.setenv(sl.KERNEL_ENV, flag)
+    for flag in ("torch", "triton"):
+        monkeypatch.setenv(sl.KERNEL_ENV, kernel_env if flag == "triton" else "torch")
         with torch.no_grad(), pool.batch(rows):
             past = model(input_ids=ids[:, :-1], use_cache=True)  # prefill: SGMV
             step = model(input_ids=ids[:, -1:], past_key_values=past.past_key_values, use_cache=True)  # BGMV
         outs[flag] = (past.logits, step.logits)
-    for got, want in zip(outs["1"], outs["0"]):
+    for got, want in zip(outs["triton"], outs["torch"]):
         assert torch.allclose(got, want, atol=1e-4), f"{(got - want).abs().max():.2e}"
