@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import functools
 import os
 import threading
 from collections import OrderedDict
@@ -49,14 +50,15 @@ LORA_VARIANTS = ("lora", "lora_fa")
 
 @dataclass
 class HostAdapter:
-    """One adapter in host memory: ``{module: (A, B, scaling)}``."""
+    """One adapter in host memory: ``{module: (A, B, scaling)}`` (the shapes are fixed once made)."""
 
     name: str
     directory: Path
     modules: dict[str, tuple[torch.Tensor, torch.Tensor, float]]
 
-    @property
+    @functools.cached_property
     def rank(self) -> int:
+        """The largest rank over its modules (computed once)."""
         return max(a.shape[0] for a, _, _ in self.modules.values())
 
     @property
@@ -98,6 +100,7 @@ class AdapterPool:
         self._rank = int(max_rank) if max_rank is not None else 0
         self._state = SlotState()
         self._batch: list[str | None] | None = None
+        self._last_rows: SlotRows | None = None  # reused by set_batch for the same slots (no page-in since)
         self._lock = threading.RLock()
         self.page_ins = 0
         self.evictions = 0
@@ -140,6 +143,7 @@ class AdapterPool:
                 for layer in self._layers.values():
                     layer.clear_slot(slot)
                 self._free.append(slot)
+                self._last_rows = None
             del self._adapters[name]
 
     def names(self) -> list[str]:
@@ -164,9 +168,12 @@ class AdapterPool:
                 raise AdapterhubError(f"the batch uses {len(distinct)} different adapters but at most max_resident="
                                       f"{self.max_resident} can be on the device at once; split the batch")
             self._make_resident(distinct)
-            slots = [self._resident[a] if a is not None else -1 for a in rows]
+            slots = tuple(self._resident[a] if a is not None else -1 for a in rows)
             rank = max((self._adapters[a].rank for a in distinct), default=0)
-            self._state.rows = SlotRows(slots, rank, self.device)
+            last = self._last_rows
+            if last is None or last.host_slots != slots or last.rank_max != rank:
+                last = self._last_rows = SlotRows(slots, rank, self.device)
+            self._state.rows = last
             self._batch = rows
 
     @contextlib.contextmanager
@@ -225,6 +232,7 @@ class AdapterPool:
                 self.evictions += 1
             self._page_in(a, slot)
             self._resident[a] = slot
+        self._last_rows = None
 
     def _page_in(self, name: str, slot: int) -> None:
         adapter = self._adapters[name]
@@ -242,6 +250,7 @@ class AdapterPool:
         if new_slots > self._capacity:
             self._free.extend(range(new_slots - 1, self._capacity - 1, -1))
         self._capacity, self._rank = max(new_slots, self._capacity), max(new_rank, self._rank)
+        self._last_rows = None
         for layer in self._layers.values():
             layer.resize(self._capacity, self._rank)
 

@@ -22,10 +22,17 @@ The buffers carry no trainable tensors and are not saved (non-persistent): an
 :class:`adapterhub.adapter_pool.AdapterPool` fills the slots from LoRA bundles and sets the rows.
 GPT-2's ``Conv1D`` is handled (the update uses ``A``, ``B`` as LoRA stores them). No merge, by design:
 a layer serving many adapters at once has no single weight delta.
+
+Decode runs many forwards with the same rows, so under ``torch.no_grad`` / ``inference_mode`` the torch
+path keeps the rows' gathered ``A``, ``B`` and scaling of the last :class:`SlotRows` per layer and reuses them
+while the rows object and the buffers are unchanged (same tensors, same in-place version, no slot written or
+cleared since). The cache costs ``n_active * r * (in + out)`` values per layer and is only kept when that is at
+most :data:`GATHER_CACHE_BYTES`; with gradients on it is never used.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -49,6 +56,8 @@ from ._triton import kernel_mode, triton_available, use_triton
 from .lora import adapter_factory
 
 KERNEL_ENV = "ADAPTERHUB_KERNELS"
+#: the most bytes one layer keeps of gathered per-row A / B for reuse across forwards with the same rows
+GATHER_CACHE_BYTES = 16 * 2**20
 
 
 @dataclass(frozen=True)
@@ -66,6 +75,7 @@ class SlotRows:
 
     def __init__(self, slots: Sequence[int], rank_max: int, device: torch.device | str):
         host = [int(s) for s in slots]
+        self.host_slots = tuple(host)
         self.n_rows = len(host)
         active = [b for b, s in enumerate(host) if s >= 0]
         self.any_active = bool(active) and rank_max > 0
@@ -107,19 +117,28 @@ def kernel_requested(*tensors: torch.Tensor) -> bool:
     return use_triton(*tensors)
 
 
+Gathered = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def gather_rows(lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: torch.Tensor, rows: SlotRows) -> Gathered:
+    """The active rows' ``A`` (``n x r x in``), ``B`` (``n x out x r``), scaling (``n x 1 x 1``); ``r = rank_max``."""
+    r = rows.rank_max
+    a = lora_A[:, :r].index_select(0, rows.slots)
+    b = lora_B[:, :, :r].index_select(0, rows.slots)
+    return a, b, scaling.index_select(0, rows.slots)[:, None, None]
+
+
 def slora_update_torch(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: torch.Tensor,
-                       rows: SlotRows) -> torch.Tensor:
+                       rows: SlotRows, gathered: Gathered | None = None) -> torch.Tensor:
     """The reference: ``scaling[s] * x A[s]^T B[s]^T`` for the active rows of ``x`` (``B x T x in``).
 
+    ``gathered``: :func:`gather_rows` of these buffers and rows, when the caller has it already.
     Returns ``n_active x T x out`` in the buffers' dtype (rows in the order of ``rows.active``).
     """
-    r = rows.rank_max
+    a, b, sc = gathered if gathered is not None else gather_rows(lora_A, lora_B, scaling, rows)
     xs = x if rows.all_active else x.index_select(0, rows.active)
     xs = xs.to(lora_A.dtype)
-    a = lora_A[:, :r].index_select(0, rows.slots)  # n x r x in
-    xa = torch.bmm(xs, a.transpose(1, 2))  # n x T x r
-    xa = xa * scaling.index_select(0, rows.slots)[:, None, None]
-    b = lora_B[:, :, :r].index_select(0, rows.slots)  # n x out x r
+    xa = torch.bmm(xs, a.transpose(1, 2)) * sc  # n x T x r
     return torch.bmm(xa, b.transpose(1, 2))
 
 
@@ -151,6 +170,8 @@ class SLoraLayer(AdapterLayer):
                              persistent=False)
         self.filled = [False] * self.slots
         self.state = state if state is not None else SlotState()
+        self.version = 0  # bumped by every slot write / clear / resize (see _gathered_for)
+        self._gather_cache: tuple[Any, ...] | None = None
 
     # -- slots --------------------------------------------------------------------------------
     def resize(self, slots: int, max_rank: int) -> None:
@@ -170,6 +191,7 @@ class SLoraLayer(AdapterLayer):
         self.lora_A, self.lora_B, self.scaling, self.rank = a, b, sc, rk
         self.filled += [False] * (slots - s)
         self.slots, self.max_rank = slots, max_rank
+        self._touch()
 
     @torch.no_grad()
     def write_slot(self, slot: int, A: torch.Tensor, B: torch.Tensor, scaling: float) -> None:
@@ -187,6 +209,7 @@ class SLoraLayer(AdapterLayer):
         self.scaling[slot] = float(scaling)
         self.rank[slot] = r
         self.filled[slot] = True
+        self._touch()
 
     @torch.no_grad()
     def clear_slot(self, slot: int) -> None:
@@ -198,6 +221,32 @@ class SLoraLayer(AdapterLayer):
         self.scaling[slot] = 0.0
         self.rank[slot] = 0
         self.filled[slot] = False
+        self._touch()
+
+    def _touch(self) -> None:
+        """The buffers changed: no gathered rows from before may be reused."""
+        self.version += 1
+        self._gather_cache = None
+
+    def _gathered_for(self, rows: SlotRows) -> Gathered:
+        """:func:`gather_rows` for ``rows``, reused from the last forward when nothing it depends on changed.
+
+        Reuse needs the same ``rows`` object, the same buffer tensors with the same in-place versions and the
+        same :attr:`version`; only called with gradients off. Kept only up to ``GATHER_CACHE_BYTES``.
+        """
+        A, B, sc = self.lora_A, self.lora_B, self.scaling
+        if A.is_inference() or B.is_inference() or sc.is_inference():  # no in-place version to check
+            return gather_rows(A, B, sc, rows)
+        key = (self.version, A._version, B._version, sc._version)
+        cache = self._gather_cache
+        if cache is not None and cache[0] is rows and cache[1] == key and cache[2]() is A and cache[3]() is B \
+                and cache[4]() is sc:
+            return cache[5]
+        gathered = gather_rows(A, B, sc, rows)
+        size = sum(t.numel() * t.element_size() for t in gathered)
+        self._gather_cache = ((rows, key, weakref.ref(A), weakref.ref(B), weakref.ref(sc), gathered)
+                              if size <= GATHER_CACHE_BYTES else None)
+        return gathered
 
     def set_rows(self, slots: Sequence[int] | None) -> None:
         """Standalone use: row ``b`` uses slot ``slots[b]`` (-1 none); None makes every row base-only.
@@ -229,7 +278,8 @@ class SLoraLayer(AdapterLayer):
 
             slora_add_(out3, x3, self.lora_A, self.lora_B, self.scaling, self.rank, rows)
             return result
-        upd = slora_update_torch(x3, self.lora_A, self.lora_B, self.scaling, rows).to(result.dtype)
+        gathered = None if torch.is_grad_enabled() else self._gathered_for(rows)
+        upd = slora_update_torch(x3, self.lora_A, self.lora_B, self.scaling, rows, gathered).to(result.dtype)
         res3 = result.reshape(n_rows, -1, self.out_features)
         res3 = res3 + upd if rows.all_active else res3.index_add(0, rows.active, upd)
         return res3.reshape(result.shape)

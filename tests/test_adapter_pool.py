@@ -262,3 +262,37 @@ def test_loading_reads_no_pickle_and_builds_no_model(bundles, monkeypatch):
     for i in range(20):
         pool.add(bundles["qv4" if i % 2 else "mlp2"], name=f"a{i}")
     assert len(pool) == 20
+
+
+def test_same_rows_reuse_slot_rows_and_page_ins_show(bundles, tmp_path):
+    """Decode steps with the same rows share one SlotRows (and the layers' gathered A / B); another adapter
+    paged into the same slot between two forwards with identical rows changes the outputs to its own."""
+    other = make_bundle(tmp_path / "qv4b", "tiny-llama", LLAMA_SPECS["qv4"], seed=42)  # same shapes, other weights
+    model = build_builtin("tiny-llama").eval()
+    pool = AdapterPool(model, max_resident=1)
+    pool.add(bundles["qv4"], name="a")
+    pool.add(other, name="b")
+    assert pool._adapters["a"].rank == pool._adapters["b"].rank == 4
+    ids = ids_for(2, 3, seed=7)
+    refs = {"a": bundles["qv4"], "b": other}
+    check_rows("tiny-llama", model, pool, ["a", None], refs, ids)
+    pool.set_batch(["a", None])
+    rows = pool._state.rows
+    pool.clear_batch()
+    pool.set_batch(["a", None])
+    assert pool._state.rows is rows  # same slots, nothing paged in: reused
+    with torch.no_grad():
+        first = model(input_ids=ids).logits
+    pool._page_in("b", rows.host_slots[0])  # 'b' overwrites the slot under the very same rows object
+    assert pool._state.rows is rows
+    with torch.no_grad():
+        got = model(input_ids=ids).logits
+    want = reference_logits("tiny-llama", other, ids[:1])
+    assert torch.allclose(got[:1], want, atol=ATOL) and not torch.allclose(got[:1], first[:1], atol=1e-3)
+    pool._page_in("a", rows.host_slots[0])
+    pool.clear_batch()
+    # the public path: 'b' evicts 'a' from the one slot; identical slot rows, b's outputs
+    for name in ("b", "a", "b"):
+        check_rows("tiny-llama", model, pool, [name, None], refs, ids)
+        assert pool._state.rows is None and pool._last_rows.host_slots == rows.host_slots
+    assert pool.stats()["evictions"] == 3

@@ -309,3 +309,78 @@ def test_pool_through_kernels_equals_torch(tmp_path, monkeypatch, kernel_device,
         outs[flag] = (past.logits, step.logits)
     for got, want in zip(outs["triton"], outs["torch"]):
         assert torch.allclose(got, want, atol=1e-4), f"{(got - want).abs().max():.2e}"
+
+
+def test_gathered_rows_cache_never_goes_stale(monkeypatch):
+    """Forwards with the same rows reuse the gathered A / B; any slot write, clear, resize or in-place edit
+    of a buffer (the pool's page-ins and removes are such writes) must show in the next forward."""
+    monkeypatch.setenv(sl.KERNEL_ENV, "torch")
+    layer, adapters = filled_layer(nn.Linear(IN, OUT), seed=8)
+    rows = [2, -1, 0, 1, 4, 2]
+    layer.set_rows(rows)
+    x = torch.randn(len(rows), 1, IN, generator=torch.Generator().manual_seed(9))
+    g = torch.Generator().manual_seed(10)
+
+    def check(label):
+        for _ in range(2):  # the first forward fills the cache, the second reads it
+            with torch.no_grad():
+                got = layer(x)
+            want = formula(layer.base_layer, x, rows, adapters + [None] * (layer.slots - len(adapters)))
+            assert torch.allclose(got.double(), want, atol=1e-4), f"{label}: {(got.double() - want).abs().max():.2e}"
+
+    check("first")
+    assert layer._gather_cache is not None
+    a, b = torch.randn(3, IN, generator=g), torch.randn(OUT, 3, generator=g)
+    layer.write_slot(0, a, b, 0.7)  # another adapter paged into a slot the rows use
+    adapters[0] = (a, b, 0.7)
+    check("write_slot")
+    layer.clear_slot(1)
+    adapters[1] = None
+    check("clear_slot")
+    with torch.no_grad():
+        layer.lora_A[4].mul_(2.0)  # an in-place edit behind the layer's back
+    a4, b4, s4 = adapters[4]
+    adapters[4] = (a4 * 2.0, b4, s4)
+    check("in-place edit")
+    layer.lora_B = layer.lora_B.clone()  # a replaced buffer
+    layer.lora_B[2].zero_()
+    adapters[2] = None
+    check("replaced buffer")
+    layer.resize(SLOTS + 1, R + 2)
+    check("resize")
+
+
+def test_gathered_rows_cache_bound_inference_mode_and_gradients(monkeypatch):
+    monkeypatch.setenv(sl.KERNEL_ENV, "torch")
+    layer, adapters = filled_layer(nn.Linear(IN, OUT), seed=11)
+    rows = [4, 5, 1, 1]
+    layer.set_rows(rows)
+    x = torch.randn(len(rows), 2, IN, generator=torch.Generator().manual_seed(12))
+    want = formula(layer.base_layer, x, rows, adapters)
+    monkeypatch.setattr(sl, "GATHER_CACHE_BYTES", 0)  # over the bound: nothing kept, same result
+    with torch.no_grad():
+        assert torch.allclose(layer(x).double(), want, atol=1e-4)
+    assert layer._gather_cache is None
+    monkeypatch.undo()
+    monkeypatch.setenv(sl.KERNEL_ENV, "torch")
+    with torch.inference_mode():
+        assert torch.allclose(layer(x).double(), want, atol=1e-4)
+    with torch.no_grad():  # a cache filled in inference mode is read outside it
+        assert torch.allclose(layer(x).double(), want, atol=1e-4)
+    assert layer._gather_cache is not None
+    # with gradients on, the cache is bypassed: gradients reach x and a buffer made trainable
+    layer.lora_B.requires_grad_(True)
+    xg = x.clone().requires_grad_(True)
+    layer(xg).pow(2).sum().backward()
+    x64 = x.double().requires_grad_(True)
+    b64 = layer.lora_B.detach().double().requires_grad_(True)
+    base = layer.base_layer
+    out = torch.nn.functional.linear(x64, base.weight.double(), base.bias.double())
+    extra = []
+    for row, slot in enumerate(rows):
+        a, _, s = adapters[slot]
+        r = a.shape[0]
+        extra.append(s * (x64[row] @ a.double().t() @ b64[slot, :, :r].t()))
+    (out + torch.stack(extra)).pow(2).sum().backward()
+    assert torch.allclose(xg.grad.double(), x64.grad, atol=1e-3, rtol=1e-4)
+    assert torch.allclose(layer.lora_B.grad.double(), b64.grad, atol=1e-3, rtol=1e-4)
