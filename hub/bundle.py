@@ -3,6 +3,8 @@
     adapter_model.safetensors  adapter tensors, PEFT key names (``base_model.model.<module>.<tensor>``)
     adapterhub.json            format version, spec text, per-module variant/params/quant,
                                base-model fingerprint, parent version, metrics
+    base_quant.safetensors     the quantized bases of variants that build their own (LoftQ, LQ-LoRA), as
+                               ``base_quant.<module>.<buffer>``; the manifest's ``base_quant`` lists them
     adapter_config.json        PEFT's config, when PEFT can express the adapter (lora, rslora, dora,
                                per-module ranks, vera, ia3, on quantized bases too)
     README.md                  a model card (``library_name: peft`` when PEFT can load it)
@@ -23,7 +25,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from adapterhub.registry import AdapterhubError
+from adapterhub.plugins._saved_base import FILE as BASE_FILE
+from adapterhub.plugins._saved_base import KEY_PREFIX as BASE_PREFIX
+from adapterhub.plugins._saved_base import base_state, read_saved_bases, restore_bases, restoring
+from adapterhub.registry import AdapterhubError, get_registry
 
 from .atomic import atomic_dir
 from .peft_format import CONFIG, PeftDescription, config_json, describe, from_peft_keys, to_peft_keys
@@ -121,17 +126,26 @@ def save(model: nn.Module, directory: str | Path, *, metrics: dict[str, Any] | N
          parent: str | None = None) -> Path:
     """Write the model's adapters to ``directory`` as a bundle (atomically; replaces an old one).
 
-    Files: ``adapter_model.safetensors``, ``adapterhub.json``, ``README.md``, and PEFT's
-    ``adapter_config.json`` when the adapter is expressible in PEFT (see :mod:`adapterhub.peft_format`).
+    Files: ``adapter_model.safetensors``, ``adapterhub.json``, ``README.md``, PEFT's
+    ``adapter_config.json`` when the adapter is expressible in PEFT (see :mod:`adapterhub.peft_format`),
+    and ``base_quant.safetensors`` when a variant built its own quantized base (LoftQ, LQ-LoRA): a
+    separate file, so PEFT and every reader of ``adapter_model.safetensors`` never see it.
     """
     directory = Path(directory)
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in adapter_state(model).items()}
+    bases = {k: v.detach().to("cpu").contiguous().clone() for k, v in own_quantized_bases(model).items()}
     m = manifest(model, metrics, parent)
+    if bases:
+        m["base_quant"] = {"file": BASE_FILE, "modules": sorted({k.removeprefix(BASE_PREFIX).rsplit(".", 1)[0]
+                                                                  for k in bases}),
+                           "bytes": sum(t.numel() * t.element_size() for t in bases.values())}
     peft = describe(model, m["base_model"])
     if peft.config is not None:
         tensors = to_peft_keys(tensors, model)
     with atomic_dir(directory) as tmp:
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        if bases:
+            save_file(bases, str(tmp / BASE_FILE), metadata={"format": "pt"})
         (tmp / MANIFEST).write_text(json.dumps(m, indent=2, sort_keys=True) + "\n")
         if peft.config is not None:
             (tmp / CONFIG).write_text(config_json(peft.config))
@@ -183,13 +197,35 @@ def load(model: nn.Module, source: str | Path, *, check_base: bool = True) -> nn
                 f"{m['base_fingerprint'][:19]}...) than this one ({fp[:19]}...); pass check_base=False "
                 "(--force on the CLI) to load it anyway")
     if applied(model) is None:
-        apply(model, m["spec"], seed=m.get("seed", 0))
+        bases = _saved_bases(model, directory, m)
+        with restoring(frozenset(bases), {n: m["modules"][n].get("quant_params") or {} for n in bases}):
+            apply(model, m["spec"], seed=m.get("seed", 0))
+        restore_bases(dict(adapter_layers(model)), bases, f"bundle '{directory}'")
     _load_tensors(model, directory)
     if "task" in m:
         from .train_head import set_task
 
         set_task(model, m["task"])
     return model
+
+
+def own_quantized_bases(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``base_quant.<module>.<buffer>`` -> buffer of every layer whose variant quantizes its own base
+    (``owns_quantization``: LoftQ, LQ-LoRA), whose init cannot be re-run cheaply or bit-exactly."""
+    registry = get_registry()
+    return base_state([(n, layer) for n, layer in adapter_layers(model)
+                       if getattr(registry.variants.get(layer.variant), "owns_quantization", False)])
+
+
+def _saved_bases(model: nn.Module, directory: Path, m: dict[str, Any]) -> dict[str, dict[str, torch.Tensor]]:
+    """The bundle's saved quantized bases (``{module: {buffer: tensor}}``); empty for a bundle without
+    them (older ones: the variants re-run their init) or one made for another base structure
+    (``check_base=False``: the init runs on this model's weights, as it always did)."""
+    from .fingerprint import model_fingerprint
+
+    if not m.get("base_quant") or (m.get("base_fingerprint") and model_fingerprint(model) != m["base_fingerprint"]):
+        return {}
+    return read_saved_bases(directory, m["base_quant"], set(m["modules"]))
 
 
 def _load_peft(model: nn.Module, directory: Path) -> nn.Module:

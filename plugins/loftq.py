@@ -32,6 +32,8 @@ both trained, ``r (in + out)`` of them; merge is LoRA's exact 16-bit merge ``deq
 dense layer; like QLoRA there is no exact merge back to N bits). GPT-2's Conv1D is transposed to
 ``out x in`` first: the quantized base is Linear-like. Loading a bundle re-runs this init on the same
 base weights (deterministic; the randomized SVD uses its own seeded generator) and then loads ``A``, ``B``.
+A bundle also saves the quantized base itself (``base_quant.safetensors``, see ``plugins/_saved_base.py``);
+loading one restores that ``Q`` and skips the init (one plain quantization builds the base's structure).
 
 **SVD.** ``svd="exact"``: ``torch.linalg.svd``; ``"randomized"``: a seeded randomized range finder
 (Halko et al. 2011, ``r + max(r, 32)`` columns, 8 power iterations) for large matrices; ``"auto"``
@@ -68,6 +70,7 @@ from adapterhub.registry import (
     param,
 )
 
+from ._saved_base import will_restore
 from .lora import LoraLayer, lora_scaling
 
 #: ``svd="auto"`` computes the exact SVD up to this ``min(out, in)``, the randomized one above it.
@@ -175,7 +178,8 @@ class LoftqLayer(LoraLayer):
     """A LoRA layer (same forward, tensors and merge) whose base and factors come from LoftQ.
 
     ``loftq_errors`` = ``(e_0, ..., e_T)`` (Frobenius, ``e_0`` = plain QLoRA's); ``loftq_iter`` = the
-    ``t`` kept; ``loftq_weight_norm`` = ``||W||_F``. These describe the init and are not saved.
+    ``t`` kept; ``loftq_weight_norm`` = ``||W||_F``. These describe the init and are not saved (a layer
+    restored from a bundle's saved base has ``loftq_errors = ()`` and ``loftq_iter = 0``).
     """
 
     variant = "loftq"
@@ -193,6 +197,8 @@ class LoftqLayer(LoraLayer):
         self.loftq_weight_norm = weight_norm
 
     def extra_repr(self) -> str:
+        if not self.loftq_errors:
+            return f"{super().extra_repr()}, iters={self.iters}, base=restored"
         rel = self.loftq_errors[self.loftq_iter] / self.loftq_weight_norm if self.loftq_weight_norm else math.nan
         return f"{super().extra_repr()}, iters={self.iters}, kept_iter={self.loftq_iter}, rel_error={rel:.3g}"
 
@@ -244,6 +250,11 @@ class Loftq(Variant):
                                       f"{quantizer.name} returned a {type(out).__name__} for module '{name}'")
             return out
 
+        if will_restore(name):  # the loader overwrites Q with the bundle's saved base, and loads A, B
+            result = LoftqResult(quantize(weight), weight.new_zeros(params.r, weight.shape[1], dtype=torch.float32),
+                                 weight.new_zeros(weight.shape[0], params.r, dtype=torch.float32), (), 0, weight)
+            return LoftqLayer(result.base, result, alpha=params.alpha, dropout=params.dropout, rslora=params.rslora,
+                              iters=params.iters)
         scaling = lora_scaling(params.r, params.alpha, params.rslora)
         result = loftq_decompose(weight, quantize, params.r, scaling, params.iters, params.svd)
         return LoftqLayer(result.base, result, alpha=params.alpha, dropout=params.dropout, rslora=params.rslora,

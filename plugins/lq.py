@@ -67,6 +67,7 @@ from adapterhub.plugins._nfk import (
     quantize_flat,
     unpack_bits,
 )
+from adapterhub.plugins._saved_base import saved_quant_params
 from adapterhub.registry import AdapterhubError, ModuleInfo, ParamError, Quantizer, hookimpl, param
 
 ScaleType = Literal["bf16", "fp16", "fp32"]
@@ -342,9 +343,17 @@ class LqQuantizer(Quantizer):
         return LqLinear(weight, bias, cfg, compute_dtype=compute_dtype_of(params.compute_dtype))
 
     def allocate(self, params: LqParams, modules: list[tuple[ModuleInfo, Any]]) -> dict[str, dict[str, Any]] | None:
-        """Per-matrix ``bits, b0, B0, b1, B1`` under ``budget`` (None without a budget)."""
+        """Per-matrix ``bits, b0, B0, b1, B1`` under ``budget`` (None without a budget). While a bundle with
+        saved quantized bases loads (``plugins/_saved_base.py``), the configs it recorded are returned."""
         if params.budget is None:
             return None
+        saved = saved_quant_params([info.name for info, _ in modules])  # loading a bundle with saved bases
+        if saved is not None:
+            try:
+                return {n: NfConfig(**{k: qp[k] for k in ("bits", "b0", "B0", "b1", "B1")}).as_dict()
+                        for n, qp in saved.items()}
+            except (KeyError, TypeError):
+                pass  # the manifest lacks a config: allocate as usual
         configs = configs_of(params)
         bits = np.array([c.bits_per_param for c in configs])
         check_feasible(bits, float(params.budget))

@@ -24,6 +24,9 @@ which this follows the paper in avoiding.
 :meth:`AdapterLayer.merge` on a quantized base); ``unmerge`` restores the quantized base.
 With ``on lq(budget=...)`` the quantizer's ``rank`` must equal ``r`` (the allocation estimates
 the decomposition error at that rank).
+
+A bundle saves ``Q`` itself (``base_quant.safetensors``, ``plugins/_saved_base.py``); loading one
+restores it and skips the decomposition (and the Fisher file, and ``lq``'s budget allocation).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from torch import nn
 from adapterhub.plugins._bnb import linear_weight
 from adapterhub.plugins._lq_fisher import FisherFile
 from adapterhub.plugins._nfk import Decomposition, lq_decompose
+from adapterhub.plugins._saved_base import will_restore
 from adapterhub.plugins.lora import LoraLayer
 from adapterhub.registry import (
     ApplyContext,
@@ -70,7 +74,7 @@ class LqLoraLayer(LoraLayer):
     """A LoRA layer (``lora_A``, ``lora_B``) around the quantized ``Q`` of an LQ decomposition.
 
     ``lq_error`` is ``||W - Q - L1 L2||_F^2`` at init (Fisher-weighted when used),
-    ``lq_iterations`` how many iterations produced it.
+    ``lq_iterations`` how many iterations produced it (``nan`` and 0 for a base restored from a bundle).
     """
 
     variant = "lqlora"
@@ -126,8 +130,9 @@ class LqLora(Variant):
                        ctx: ApplyContext, name: str) -> LqLoraLayer:
         weight, bias = linear_weight(module, quantizer.name)
         out_f, in_f = weight.shape
+        restore = will_restore(name)  # the loader overwrites Q with the bundle's saved base, and loads A, B
         fisher = None
-        if quantizer.name == "lq" and getattr(quant_params, "fisher", ""):
+        if quantizer.name == "lq" and getattr(quant_params, "fisher", "") and not restore:
             fisher = FisherFile(quant_params.fisher).get(name, (out_f, in_f)).to(weight.device)
 
         dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
@@ -142,7 +147,12 @@ class LqLora(Variant):
             q = quantizer.quantize(lin, quant_params)
             return q.dequantize().float(), q
 
-        dec = lq_decompose(weight.float(), params.r, quant, params.iters, fisher)
+        if restore:
+            deq, q = quant(weight)
+            zeros = weight.new_zeros((), dtype=torch.float32)
+            dec = Decomposition(zeros.expand(out_f, params.r), zeros.expand(params.r, in_f), deq, q, math.nan, 0)
+        else:
+            dec = lq_decompose(weight.float(), params.r, quant, params.iters, fisher)
         return LqLoraLayer(dec.payload, dec, r=params.r, alpha=params.alpha, dropout=params.dropout)
 
 

@@ -240,3 +240,110 @@ def test_params_and_repr():
     model = adapterhub.apply(build_builtin("tiny-llama"), "attn.* -> loftq(r=4, dropout=0.1, rslora=true) on nf4")
     layer = model.model.layers[0].self_attn.q_proj
     assert layer.scaling == 16 / 2 and layer.dropout == 0.1 and "kept_iter=1" in repr(layer)
+
+
+# -- bundles: the quantized base is saved and restored, not re-derived -------------------------------------
+
+BUNDLE_SPEC = "attn.* -> loftq(r=8, alpha=16, iters=3) on nf4\nmlp.up_proj -> loftq(r=4, alpha=8, iters=2) on int8"
+
+
+def _trained(spec: str, ids: torch.Tensor):
+    """``spec`` applied to tiny-llama, then a few optimiser steps (A and B move away from the init)."""
+    model = adapterhub.apply(build_builtin("tiny-llama"), spec)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(2):
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return model
+
+
+def _base_buffers(model) -> dict[str, torch.Tensor]:
+    return {f"{n}.{k}": b for n, layer in adapterhub.adapter_layers(model) for k, b in layer.base_layer.named_buffers()}
+
+
+def _make_old_style(directory) -> None:
+    """What a bundle saved before quantized bases were stored looks like."""
+    import json
+
+    (directory / "base_quant.safetensors").unlink()
+    m = json.loads((directory / "adapterhub.json").read_text())
+    del m["base_quant"]
+    (directory / "adapterhub.json").write_text(json.dumps(m))
+
+
+@pytest.fixture
+def loftq_bundle(tmp_path, ids):
+    model = _trained(BUNDLE_SPEC, ids).eval()
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    return model, logits, adapterhub.save(model, tmp_path / "loftq")
+
+
+def test_bundle_saves_the_quantized_base_outside_the_adapter_tensors(loftq_bundle):
+    import json
+
+    from safetensors.torch import load_file
+
+    model, _, directory = loftq_bundle
+    m = json.loads((directory / "adapterhub.json").read_text())
+    names = [n for n, _ in adapterhub.adapter_layers(model)]
+    assert m["base_quant"]["file"] == "base_quant.safetensors" and m["base_quant"]["modules"] == sorted(names)
+    saved = load_file(str(directory / "base_quant.safetensors"))
+    own = _base_buffers(model)
+    assert set(saved) == {f"base_quant.{k}" for k in own}
+    assert all(torch.equal(saved[f"base_quant.{k}"], b) for k, b in own.items())
+    assert m["base_quant"]["bytes"] == sum(t.numel() * t.element_size() for t in saved.values())
+    assert not any("base_quant" in k for k in load_file(str(directory / "adapter_model.safetensors")))
+
+
+def test_load_restores_the_saved_base_without_rerunning_the_init(loftq_bundle, ids, monkeypatch):
+    model, logits, directory = loftq_bundle
+
+    def fail(*args, **kwargs):
+        raise AssertionError("loftq_decompose must not run when the bundle holds the quantized base")
+
+    monkeypatch.setattr("adapterhub.plugins.loftq.loftq_decompose", fail)
+    base = build_builtin("tiny-llama")
+    with torch.no_grad():  # a base that is not bit-identical: re-running the init would give other codes
+        for p in base.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(5)) * 1e-5)
+    loaded = adapterhub.load(base, directory).eval()
+    want, got = _base_buffers(model), _base_buffers(loaded)
+    assert set(want) == set(got) and all(torch.equal(want[k], got[k]) for k in want)
+    assert all(type(layer) is LoftqLayer and "base=restored" in repr(layer)
+               for _, layer in adapterhub.adapter_layers(loaded))
+    unperturbed = adapterhub.load(build_builtin("tiny-llama"), directory).eval()
+    with torch.no_grad():
+        assert torch.equal(unperturbed(input_ids=ids).logits, logits)
+
+
+def test_old_bundle_without_saved_base_reruns_the_init(loftq_bundle, ids, monkeypatch):
+    from adapterhub.plugins import loftq as loftq_module
+
+    model, logits, directory = loftq_bundle
+    _make_old_style(directory)
+    calls = []
+    real = loftq_module.loftq_decompose
+    monkeypatch.setattr(loftq_module, "loftq_decompose", lambda *a, **k: calls.append(1) or real(*a, **k))
+    loaded = adapterhub.load(build_builtin("tiny-llama"), directory).eval()
+    assert len(calls) == len(list(adapterhub.adapter_layers(model)))
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, logits)
+    want, got = _base_buffers(model), _base_buffers(loaded)
+    assert all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_missing_or_mismatched_saved_base_is_a_clear_error(loftq_bundle):
+    from safetensors.torch import load_file, save_file
+
+    _, _, directory = loftq_bundle
+    path = directory / "base_quant.safetensors"
+    saved = load_file(str(path))
+    key = next(k for k in saved if k.endswith("q_proj.absmax"))
+    save_file({**saved, key: saved[key][:-1]}, str(path))
+    with pytest.raises(adapterhub.AdapterhubError, match=r"q_proj.*absmax.*has shape"):
+        adapterhub.load(build_builtin("tiny-llama"), directory)
+    path.unlink()
+    with pytest.raises(adapterhub.AdapterhubError, match="base_quant.safetensors is missing"):
+        adapterhub.load(build_builtin("tiny-llama"), directory)

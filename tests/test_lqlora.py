@@ -4,6 +4,8 @@ and merging into 16-bit."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -189,3 +191,69 @@ def test_bf16_model():
     ids = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         assert torch.isfinite(model(input_ids=ids).logits).all()
+
+
+# -- bundles: the quantized base (and lq's allocation) is saved and restored, not re-derived -----------------
+
+BUDGET = "attn.* -> lqlora(r=4, alpha=16, iters=5) on lq(budget=3, rank=4)\nmlp.up_proj -> lqlora(r=4, alpha=8) on nf4"
+
+
+def _base_buffers(model) -> dict[str, torch.Tensor]:
+    return {f"{n}.{k}": b for n, layer in adapterhub.adapter_layers(model) for k, b in layer.base_layer.named_buffers()}
+
+
+@pytest.fixture
+def lq_bundle(tmp_path):
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(3))
+    model = adapterhub.apply(build_builtin("tiny-llama"), BUDGET)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    return model, ids, logits, adapterhub.save(model, tmp_path / "lq")
+
+
+def test_load_restores_the_saved_base_and_allocation_without_recomputing(lq_bundle, monkeypatch):
+    import json
+
+    from adapterhub.plugins import lq, lqlora
+
+    model, ids, logits, directory = lq_bundle
+    m = json.loads((directory / "adapterhub.json").read_text())
+    assert m["base_quant"]["modules"] == sorted(n for n, _ in adapterhub.adapter_layers(model))
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the decomposition / allocation must not run when the bundle holds the base")
+
+    monkeypatch.setattr(lqlora, "lq_decompose", fail)
+    monkeypatch.setattr(lq, "config_error_estimates", fail)
+    loaded = adapterhub.load(build_builtin("tiny-llama"), directory).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, logits)
+    want, got = _base_buffers(model), _base_buffers(loaded)
+    assert set(want) == set(got) and all(torch.equal(want[k], got[k]) for k in want)
+    layers = dict(adapterhub.adapter_layers(loaded))
+    for name, layer in adapterhub.adapter_layers(model):
+        assert layers[name].base_layer.extra_repr() == layer.base_layer.extra_repr()  # the same lq configs
+        assert layers[name].lq_iterations == 0 and math.isnan(layers[name].lq_error)
+
+
+def test_old_bundle_without_saved_base_reruns_the_decomposition(lq_bundle, monkeypatch):
+    import json
+
+    from adapterhub.plugins import lqlora
+
+    model, ids, logits, directory = lq_bundle
+    (directory / "base_quant.safetensors").unlink()
+    m = json.loads((directory / "adapterhub.json").read_text())
+    del m["base_quant"]
+    (directory / "adapterhub.json").write_text(json.dumps(m))
+    calls = []
+    real = lqlora.lq_decompose
+    monkeypatch.setattr(lqlora, "lq_decompose", lambda *a, **k: calls.append(1) or real(*a, **k))
+    loaded = adapterhub.load(build_builtin("tiny-llama"), directory).eval()
+    assert len(calls) == len(list(adapterhub.adapter_layers(model)))
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, logits)
