@@ -28,7 +28,7 @@ import contextlib
 import os
 from typing import Any
 
-from .common import mib, print_table, result_line, run_side, side_main
+from .common import llama, mib, print_table, result_line, run_side, side_main
 
 CONFIG = {"hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 4, "num_attention_heads": 16,
           "num_key_value_heads": 16, "vocab_size": 1024, "max_position_embeddings": 512,
@@ -38,23 +38,8 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 
 def _model():
-    """The model with N(0, 0.02) weights and unit norms from a fixed seed (skipping transformers' slow init)."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-    from transformers.initialization import no_init_weights
-    from transformers.utils import logging
-
-    logging.set_verbosity_error()
-    with no_init_weights():
-        model = LlamaForCausalLM(LlamaConfig(**CONFIG)).float()
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0.0, 0.02, generator=gen)
-            else:
-                p.fill_(1.0)
-    return model
+    """The model with N(0, 0.02) weights and unit norms from a fixed seed (:func:`bench.common.llama`)."""
+    return llama(CONFIG)
 
 
 def _step_fn(model) -> Any:

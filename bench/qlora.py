@@ -36,7 +36,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
-from .common import mib, print_table, result_line
+from .common import llama, mib, print_table, result_line
 
 CONFIG = {"hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 4, "num_attention_heads": 16,
           "num_key_value_heads": 16, "vocab_size": 1024, "max_position_embeddings": 512,
@@ -47,23 +47,8 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 
 def _base_model():
-    """The bf16 model with N(0, 0.02) weights and unit norms from a fixed seed."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-    from transformers.initialization import no_init_weights
-    from transformers.utils import logging
-
-    logging.set_verbosity_error()
-    with no_init_weights():
-        model = LlamaForCausalLM(LlamaConfig(**CONFIG))
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0.0, 0.02, generator=gen)
-            else:
-                p.fill_(1.0)
-    return model.to(torch.bfloat16)
+    """The bf16 model with N(0, 0.02) weights and unit norms from a fixed seed (:func:`bench.common.llama`)."""
+    return llama(CONFIG, "bfloat16")
 
 
 def adapterhub_model(base, quant: str):

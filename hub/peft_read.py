@@ -22,6 +22,7 @@ from torch import nn
 from adapterhub.registry import AdapterhubError, AdapterLayer, module_kind
 
 from .peft_format import CONFIG, _number, base_module_names
+from .report import index_ranges
 
 _LORA_UNSUPPORTED = ("alora_invocation_tokens", "arrow_config", "kasa_config", "layer_replication",
                      "megatron_config", "monteclora_config", "target_parameters", "trainable_token_indices",
@@ -217,16 +218,6 @@ def _value(v: Any) -> str:
     return json.dumps(str(v))
 
 
-def _ranges(indices: list[int]) -> str:
-    xs = sorted(set(indices))
-    parts, start = [], xs[0]
-    for a, b in zip(xs, xs[1:] + [None]):
-        if b != a + 1:
-            parts.append(str(start) if start == a else f"{start}..{a}")
-            start = b
-    return "[" + ",".join(parts) + "]"
-
-
 def compress_names(names: list[str], roles: set[str] | frozenset[str] = frozenset()) -> list[str]:
     """Spec patterns selecting exactly ``names`` (full module names): the first layer index becomes an
     index set and leaf names sharing everything else become ``{a,b}``; role words are braced
@@ -244,7 +235,7 @@ def compress_names(names: list[str], roles: set[str] | frozenset[str] = frozense
         merged.setdefault((template[:-1], tuple(sorted(set(idx)))), []).append(template[-1])
     out = []
     for (head, idx), leaves in merged.items():
-        segs = [_ranges(list(idx)) if s == "#" else (f"{{{s}}}" if s in roles else s) for s in head]
+        segs = [index_ranges(idx) if s == "#" else (f"{{{s}}}" if s in roles else s) for s in head]
         if len(leaves) > 1:
             segs.append("{" + ",".join(sorted(leaves)) + "}")
         else:

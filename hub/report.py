@@ -28,7 +28,8 @@ def human_count(n: int) -> str:
     return str(n)
 
 
-def _ranges(indices: Iterable[int]) -> str:
+def index_ranges(indices: Iterable[int]) -> str:
+    """``[0..3,7]``: the DSL's layer-range syntax for ``indices``."""
     xs = sorted(set(indices))
     parts, start = [], xs[0]
     for a, b in zip(xs, xs[1:] + [None]):
@@ -77,7 +78,7 @@ def grouped_rows(plan: Plan) -> list[tuple[str, str, str, int, str, int]]:
     rows = []
     for (key_name, action, quant, trainable, line), members in groups.items():
         idx = [i for i, _ in members if i is not None]
-        name = key_name.replace("#", _ranges(idx), 1) if idx and len(members) > 1 else members[0][1].module
+        name = key_name.replace("#", index_ranges(idx), 1) if idx and len(members) > 1 else members[0][1].module
         rows.append((name, action, quant, trainable * len(members), str(line), len(members)))
     return rows
 

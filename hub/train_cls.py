@@ -27,6 +27,8 @@ from torch import nn
 
 from adapterhub.registry import AdapterhubError
 
+from .train_data import batch_rows
+
 BYTE_SEP = 257  # the built-in byte vocabulary's eos id, put between text and text_pair
 Label = int | str
 DATA_HELP = '{"text": ..., "label": ...} per line (optionally "text_pair")'
@@ -224,10 +226,8 @@ class ClsDataset:
 
     def batch(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(packed, labels)`` of the ``index``-th micro-batch (a pure function of index and seed: resumable)."""
-        epoch, k = divmod(index, self.batches_per_epoch)
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        order = torch.randperm(len(self.train_labels), generator=g)
-        return _take(self.train_packed, self.train_labels, order[k * self.batch_size:(k + 1) * self.batch_size])
+        rows = batch_rows(index, len(self.train_labels), self.batch_size, self.seed)
+        return _take(self.train_packed, self.train_labels, rows)
 
     def tokens(self, packed: torch.Tensor) -> int:
         return count_tokens(packed)

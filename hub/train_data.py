@@ -126,6 +126,14 @@ def pack(examples: list[tuple[str, str]], tokenizer: Tokenizer, seq_len: int) ->
             torch.tensor(labels[:n * seq_len], dtype=torch.long).view(shape))
 
 
+def batch_rows(index: int, n: int, batch_size: int, seed: int) -> torch.Tensor:
+    """Rows of the ``index``-th micro-batch over ``n`` training rows: each epoch a fresh permutation
+    seeded by ``(seed, epoch)``, cut into ``n // batch_size`` batches (the tail is dropped)."""
+    epoch, k = divmod(index, max(1, n // batch_size))
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    return order[k * batch_size:(k + 1) * batch_size]
+
+
 @dataclass
 class Dataset:
     """Packed train/eval sequences and the order the training batches are drawn in."""
@@ -143,10 +151,7 @@ class Dataset:
 
     def batch(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The ``index``-th micro-batch of the run (a pure function of index and seed: resumable)."""
-        epoch, k = divmod(index, self.batches_per_epoch)
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        order = torch.randperm(len(self.train_ids), generator=g)
-        rows = order[k * self.batch_size:(k + 1) * self.batch_size]
+        rows = batch_rows(index, len(self.train_ids), self.batch_size, self.seed)
         return self.train_ids[rows], self.train_labels[rows]
 
     def tokens(self, ids: torch.Tensor) -> int:
