@@ -221,9 +221,10 @@ def compose(sources: Sequence[str | os.PathLike], out: str | os.PathLike, *, met
     copied, not changed).
     """
     from .bundle import MANIFEST, read_manifest, save
-    from .models import BUILTIN_MODELS, load_model
+    from .models import BUILTIN_MODELS
     from .sources import bundle_dir
     from .surgery import apply
+    from .train_head import model_for_manifest
 
     registry = registry or get_registry()
     merger = _method(registry, method)
@@ -249,7 +250,7 @@ def compose(sources: Sequence[str | os.PathLike], out: str | os.PathLike, *, met
         model = base_name
     if isinstance(model, str):
         base_name = base_name or model
-        probe, target = load_model(model), None
+        probe, target = model_for_manifest(model, manifests[0], sources[0]), None  # a classifier: its head
     else:
         probe, target = copy.deepcopy(model), copy.deepcopy(model)  # the caller's module stays as it is
     infos = [bundle_entries(s, probe, d) for s, d in zip(sources, dirs, strict=True)]
@@ -283,7 +284,7 @@ def compose(sources: Sequence[str | os.PathLike], out: str | os.PathLike, *, met
               + f" --weights {','.join(f'{w:g}' for w in weights)}", *[f"  from {s}" for s in sources]]
     spec = composed_spec(rules, header)
     del stacked, probe
-    target = target if target is not None else load_model(model)
+    target = target if target is not None else model_for_manifest(model, manifests[0], sources[0])
     apply(target, spec, seed=0)
     _fill(target, factors)
     save(target, out)

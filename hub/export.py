@@ -44,9 +44,11 @@ from .peft_format import (
     base_module_names,
     config_json,
     pattern_keys,
+    peft_task_type,
     target_list,
 )
 from .peft_read import resolve_peft
+from .train_head import model_for_manifest, task_of
 
 DEFAULT_RANK = 16
 
@@ -127,11 +129,13 @@ def _check_mergeable(layers: list[tuple[str, AdapterLayer]]) -> None:
 def _base_model(source_dir: Path, model: str | nn.Module | None) -> tuple[nn.Module, str | None]:
     """The base model to rebuild the adapter on, and its name for the config."""
     from .bundle import MANIFEST, read_manifest
-    from .models import BUILTIN_MODELS, load_model
+    from .models import BUILTIN_MODELS
     from .peft_read import read_config
 
+    manifest: dict[str, Any] = {}
     if (source_dir / MANIFEST).is_file():
-        name = read_manifest(source_dir).get("base_model")
+        manifest = read_manifest(source_dir)
+        name = manifest.get("base_model")
     else:
         config = read_config(source_dir)
         if config is None:
@@ -140,9 +144,9 @@ def _base_model(source_dir: Path, model: str | nn.Module | None) -> tuple[nn.Mod
     if isinstance(model, nn.Module):
         return model, name
     if model is not None:
-        return load_model(model), name or model
+        return model_for_manifest(model, manifest, source_dir), name or model
     if name and (name in BUILTIN_MODELS or Path(name).expanduser().is_dir()):
-        return load_model(name), name
+        return model_for_manifest(name, manifest, source_dir), name
     raise AdapterhubError(f"the bundle's base model {name!r} is neither a built-in model nor a local directory; "
                           "pass --model (a built-in name, a local directory or a cached Hub id)")
 
@@ -221,12 +225,28 @@ def _config(model: nn.Module, reports: list[ModuleReport], train: list[str], lor
               "target_modules": target_list(list(ranks), names), "r": r, "lora_alpha": r,
               "rank_pattern": pattern_keys(ranks, r), "alpha_pattern": pattern_keys(ranks, r),
               "fan_in_fan_out": any(rep.kind == "conv1d" for rep in reports), "modules_to_save": train or None}
-    check = resolve_peft(config, model, names)
-    if {m: p["r"] for m, (_, p) in check.variants.items()} != ranks or sorted(check.train) != train:
+
+    def selects_exactly(c: dict[str, Any]) -> bool:
+        check = resolve_peft(c, model, names)
+        return {m: p["r"] for m, (_, p) in check.variants.items()} == ranks and sorted(check.train) == train
+
+    task_type = peft_task_type(task_of(model))  # a classifier: SEQ_CLS, unless PEFT would then train more
+    typed = {**config, "task_type": task_type, "auto_mapping": None}
+    if task_type is not None and _quietly(selects_exactly, typed):
+        config = typed
+    elif not selects_exactly(config):
         raise AdapterhubError("internal error: the exported adapter_config.json does not select the exported "
                               "modules with their ranks")
     config["lora_bias"] = lora_bias
     return config
+
+
+def _quietly(check: Any, config: dict[str, Any]) -> bool:
+    """``check(config)``, False where PEFT could not resolve the config at all (e.g. an adapted head)."""
+    try:
+        return bool(check(config))
+    except AdapterhubError:
+        return False
 
 
 def _notes(info: Any, reports: list[ModuleReport], lora_bias: bool) -> list[str]:

@@ -14,6 +14,13 @@ PEFT method --
 bitsandbytes base). ``train`` rules become ``modules_to_save``. Anything else (mixed methods,
 variants PEFT lacks) has no ``adapter_config.json``; :func:`describe` says why.
 
+``task_type`` comes from the task the model was trained for (the ``"task"`` record of a bundle's
+``adapterhub.json``, :mod:`adapterhub.train_head`) through :data:`PEFT_TASK_TYPES`: a sequence classifier
+gets ``"SEQ_CLS"`` (PEFT then loads it as ``PeftModelForSequenceClassification``, which adds ``classifier``
+and ``score`` to ``modules_to_save``); without a record it stays null (nothing is guessed from the model).
+When PEFT's task model would resolve the config differently (a frozen or adapted head), it stays null too
+and a note says why.
+
 ``target_modules`` is a list of leaf names (``q_proj``) where a leaf name selects exactly the
 adapted modules of the model, else full module names. The written config is checked by resolving
 it back with the reader's PEFT matching rules before it is used.
@@ -77,7 +84,14 @@ IA3_DEFAULTS: dict[str, Any] = {
     "feedforward_modules": None, "inference_mode": True, "init_ia3_weights": True, "modules_to_save": None,
     "peft_type": "IA3", "revision": None, "target_modules": None, "task_type": None,
 }
-#: LoRA options that change the adapted forward and that adapterhub's variants do not have.
+#: adapterhub's task record (``"task"["type"]`` in ``adapterhub.json``) → PEFT's ``task_type``.
+PEFT_TASK_TYPES: dict[str, str] = {"sequence-classification": "SEQ_CLS"}
+
+
+def peft_task_type(task: Any) -> str | None:
+    """PEFT's ``task_type`` for an adapterhub task record (None: no record, or a task PEFT has no type for)."""
+    return PEFT_TASK_TYPES.get(task.get("type")) if isinstance(task, dict) else None
+
 
 @dataclass
 class PeftDescription:
@@ -165,6 +179,7 @@ def auto_mapping(model: nn.Module) -> dict[str, str] | None:
 def describe(model: nn.Module, base_model: str | None = None) -> PeftDescription:
     """PEFT's ``adapter_config.json`` content for an adapted model, or why it has none."""
     from .surgery import applied
+    from .train_head import task_of
 
     info = applied(model)
     if info is None:
@@ -185,9 +200,10 @@ def describe(model: nn.Module, base_model: str | None = None) -> PeftDescription
     layers = {e.module: model.get_submodule(e.module) for e in entries}
     names = base_module_names(model)
     targets = [e.module for e in entries]
-    common: dict[str, Any] = {
-        "auto_mapping": auto_mapping(model), "base_model_name_or_path": base_model,
-        "modules_to_save": sorted(train) or None,
+    task_type = peft_task_type(task_of(model))
+    common: dict[str, Any] = {  # PEFT writes auto_mapping only without a task type (AutoPeftModel's fallback)
+        "auto_mapping": None if task_type else auto_mapping(model), "base_model_name_or_path": base_model,
+        "modules_to_save": sorted(train) or None, "task_type": task_type,
         "target_modules": target_list(targets, names),
         "fan_in_fan_out": any(module_kind(layer.base_layer) == "conv1d" for layer in layers.values()),
     }
@@ -205,18 +221,38 @@ def describe(model: nn.Module, base_model: str | None = None) -> PeftDescription
         config, why = _ia3_config(entries, common)
     if config is None:
         return PeftDescription(None, why)
+    why = _mismatch(config, model, names, entries, train)
+    if why is not None and config["task_type"] is not None:
+        untyped = {**config, "task_type": None, "auto_mapping": auto_mapping(model)}
+        if _mismatch(untyped, model, names, entries, train) is None:
+            from .peft_read import TASK_HEADS
+
+            heads = "/".join(f"'{h}'" for h in TASK_HEADS.get(config["task_type"], ((), False))[0])
+            notes.append(f"task_type is null, not {config['task_type']}: PEFT's task model would then also treat "
+                         f"{heads or 'its head'} as modules_to_save, which this adapter does not (a frozen or "
+                         "adapted head)")
+            config, why = untyped, None
+    if why is not None:
+        return PeftDescription(None, why)
+    return PeftDescription(config, None, notes)
+
+
+def _mismatch(config: dict[str, Any], model: nn.Module, names: list[str], entries: list,
+              train: list[str]) -> str | None:
+    """Why PEFT, resolving ``config`` on ``model``, would not adapt exactly ``entries`` and train exactly
+    ``train`` (None: it would)."""
     from .peft_read import resolve_peft  # the reader checks what the writer wrote
 
     try:
         check = resolve_peft(config, model, names)
     except AdapterhubError as exc:
-        return PeftDescription(None, f"PEFT could not resolve the config written for it ({exc})")
+        return f"PEFT could not resolve the config written for it ({exc})"
     expected = {e.module: (e.variant if e.variant != "lora_fa" else "lora", _comparable(e.variant, e.params))
                 for e in entries}
     got = {m: (v, _comparable(v, p)) for m, (v, p) in check.variants.items()}
     if got != expected or sorted(check.train) != sorted(train):
-        return PeftDescription(None, "PEFT's target matching cannot express exactly these modules")
-    return PeftDescription(config, None, notes)
+        return "PEFT's target matching cannot express exactly these modules"
+    return None
 
 
 def _comparable(variant: str, params: dict[str, Any]) -> tuple:

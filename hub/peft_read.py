@@ -7,6 +7,11 @@ exactly or as a dotted suffix, ``layers_to_transform`` / ``layers_pattern``; ``"
 live model, and the result is written as a spec with one rule per group of modules with the same
 parameters. Options that only affect initialisation or training are kept where adapterhub has them and
 otherwise ignored; options that change the forward and that adapterhub lacks are refused by name.
+
+``task_type`` must be null or one of PEFT's :data:`TASK_TYPES`. PEFT's task models add their head to
+``modules_to_save`` (:data:`TASK_HEADS`): ``SEQ_CLS`` adds ``classifier``/``score`` before the targets are
+matched (so they are never targets), ``TOKEN_CLS`` and ``QUESTION_ANS`` add theirs after; the heads found
+are read as ``train`` rules like any ``modules_to_save`` entry.
 """
 
 from __future__ import annotations
@@ -24,6 +29,15 @@ from adapterhub.registry import AdapterhubError, AdapterLayer, module_kind
 from .peft_format import CONFIG, _number, base_module_names
 from .report import index_ranges
 
+#: PEFT's ``TaskType`` values (``peft.utils.peft_types``, peft 0.21.2).
+TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
+#: ``task_type`` → (module names its PEFT task model appends to ``modules_to_save``, whether it does so
+#: before the targets are matched) -- ``PeftModelForSequenceClassification`` & co. in ``peft.peft_model``.
+TASK_HEADS: dict[str, tuple[tuple[str, ...], bool]] = {
+    "SEQ_CLS": (("classifier", "score"), True),
+    "TOKEN_CLS": (("classifier", "score"), False),
+    "QUESTION_ANS": (("qa_outputs",), False),
+}
 _LORA_UNSUPPORTED = ("alora_invocation_tokens", "arrow_config", "kasa_config", "layer_replication",
                      "megatron_config", "monteclora_config", "target_parameters", "trainable_token_indices",
                      "use_bdlora", "velora_config")
@@ -40,7 +54,20 @@ def read_config(directory: str | Path) -> dict[str, Any] | None:
         raise AdapterhubError(f"{path} is not valid JSON: {exc}") from None
     if not isinstance(config, dict) or "peft_type" not in config:
         raise AdapterhubError(f"{path} is not a PEFT adapter config (no peft_type)")
+    task_type(config, str(path))
     return config
+
+
+def task_type(config: dict[str, Any], where: str = "the PEFT config") -> str | None:
+    """The config's ``task_type`` (None when null or absent); anything but one of PEFT's
+    :data:`TASK_TYPES` is an error naming ``where``."""
+    value = config.get("task_type")
+    if value is None:
+        return None
+    if not isinstance(value, str) or value not in TASK_TYPES:
+        raise AdapterhubError(f"{where}: task_type {value!r} is not a PEFT task type (PEFT defines "
+                              f"{', '.join(TASK_TYPES)}, or null)")
+    return value
 
 
 @dataclass
@@ -128,13 +155,17 @@ def resolve_peft(config: dict[str, Any], model: nn.Module, names: list[str] | No
         raise AdapterhubError(f"PEFT adapter type {peft_type or '?'} has no adapterhub equivalent "
                               "(adapterhub reads LORA, VERA and IA3 configs)")
     config = {**config, "peft_type": peft_type}
+    task = task_type(config)
     names = base_module_names(model) if names is None else names
     _refuse_unsupported(config, peft_type)
+    heads, before = TASK_HEADS.get(task or "", ((), False))
+    save = [*(config.get("modules_to_save") or []), *heads]
+    if before:  # SEQ_CLS: PEFT extends modules_to_save before matching, so the heads are never targets
+        config["modules_to_save"] = save
     if config.get("target_modules") is None:
         config["target_modules"] = _default_targets(config, model)
     if isinstance(config["target_modules"], str) and config["target_modules"].lower() == "all-linear":
         config["target_modules"] = _all_linear(model, names)
-    save = config.get("modules_to_save") or []
     train: list[str] = []
     for n in names:
         if n and any(n.endswith(m) for m in save) and not any(n.startswith(t + ".") for t in train):
@@ -152,6 +183,12 @@ def resolve_peft(config: dict[str, Any], model: nn.Module, names: list[str] | No
     if not variants:
         raise AdapterhubError(f"the PEFT config's target_modules {config['target_modules']!r} match no module of "
                               "this model")
+    for n in variants:
+        t = next((t for t in train if n == t or n.startswith(t + ".") or t.startswith(n + ".")), None)
+        if t is not None:
+            via = f", to which task_type {task} adds {', '.join(heads)}" if task in TASK_HEADS else ""
+            raise AdapterhubError(f"the PEFT config both adapts '{n}' (target_modules) and trains '{t}' in full "
+                                  f"(modules_to_save{via}); adapterhub cannot hold both on one module")
     return PeftResolution(variants, train)
 
 

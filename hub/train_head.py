@@ -190,6 +190,18 @@ def check_task(model: nn.Module | None, task: Any, source: Any) -> None:
             "bundle) does)")
 
 
+def model_for_manifest(model: str, manifest: dict[str, Any] | None, source: Any) -> nn.Module:
+    """The un-adapted model a bundle with ``manifest`` goes on: for a classifier, ``model`` with its labels
+    and its head seed (:func:`load_classification_model`), else :func:`adapterhub.models.load_model`."""
+    task = (manifest or {}).get("task")
+    if not task:
+        from .models import load_model
+
+        return load_model(model)
+    check_task(None, task, source)
+    return load_classification_model(model, list(task["labels"]), seed=manifest.get("seed", 0))
+
+
 def load_classifier(model: str, source: str | Path, *, check_base: bool = True) -> nn.Module:
     """A fresh classifier for the classification bundle ``source`` (its labels, its head seed), loaded."""
     from .bundle import load, read_manifest
@@ -200,6 +212,4 @@ def load_classifier(model: str, source: str | Path, *, check_base: bool = True) 
     task = m.get("task")
     if not task:
         raise AdapterhubError(f"bundle '{source}' is not a classifier (its adapterhub.json has no \"task\")")
-    check_task(None, task, source)
-    module = load_classification_model(model, list(task["labels"]), seed=m.get("seed", 0))
-    return load(module, directory, check_base=check_base)
+    return load(model_for_manifest(model, m, source), directory, check_base=check_base)

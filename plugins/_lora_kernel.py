@@ -37,7 +37,8 @@ from torch import nn
 
 from adapterhub.registry import AdapterhubError
 
-from ._triton import interpreting, use_triton
+from . import _tile_tuning as tiles
+from ._triton import block, interpreting, use_triton
 
 try:
     import triton
@@ -47,9 +48,6 @@ except ImportError:  # pragma: no cover - triton is optional
 
 #: dtypes the kernels take (fp32 accumulation; fp64 stays on the torch path)
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-#: largest M/N/K tile under the CPU interpreter (16: small test shapes span several tiles; the
-#: interpreter's cost is per program, so larger tiles run faster there)
-INTERPRET_TILE = 16
 
 
 if triton is not None:
@@ -154,11 +152,6 @@ if triton is not None:
                  acc * c, mask=mask_m[:, None] & mask_r[None, :])
 
 
-def _block(n: int, lo: int, hi: int) -> int:
-    """The power of two >= ``n``, clamped to ``[lo, hi]`` (``tl.dot`` needs tiles of >= 16)."""
-    return max(lo, min(hi, triton.next_power_of_2(max(n, 1))))
-
-
 def precision(t: torch.Tensor) -> str:
     """``tf32`` for fp32 dots on CUDA when torch allows it for its own matmuls, else ``ieee``."""
     return "tf32" if t.is_cuda and torch.backends.cuda.matmul.allow_tf32 else "ieee"
@@ -175,20 +168,6 @@ def _need_triton() -> None:
     if triton is None:
         raise AdapterhubError("the fused LoRA kernels need triton (pip install triton), or set "
                               "ADAPTERHUB_KERNELS=torch")
-
-
-def gemm_blocks(m: int, n: int, k: int, r: int, dtype: torch.dtype, interpret: bool) -> dict[str, int]:
-    """Launch shape. On a GPU: 128 x 128 x 64 tiles (8 warps, 3 stages) for 16-bit operands, 64 x 64 x 32
-    for fp32, ``r`` in chunks of <= 32. Interpreting: the smallest legal tiles, so that small test
-    shapes span several tiles, K steps and ``r`` chunks, with masked edges in each (``INTERPRET_TILE``)."""
-    if interpret:
-        t = INTERPRET_TILE
-        return {"BLOCK_M": _block(m, 16, t), "BLOCK_N": _block(n, 16, t), "BLOCK_K": _block(k, 16, t),
-                "BLOCK_R": 16}
-    wide = dtype != torch.float32
-    top = 128 if wide else 64
-    return {"BLOCK_M": _block(m, 16, top), "BLOCK_N": _block(n, 16, top), "BLOCK_K": _block(k, 16, top // 2),
-            "BLOCK_R": _block(r, 16, 32), "num_warps": 8 if wide else 4, "num_stages": 3}
 
 
 def shrink_splits(programs: int, steps: int, t: torch.Tensor) -> int:
@@ -213,8 +192,8 @@ def shrink(x: torch.Tensor, p: torch.Tensor, c: float = 1.0) -> torch.Tensor:
     if m == 0 or r == 0 or k == 0:
         return torch.zeros((m, r), device=x.device, dtype=torch.float32)
     small = interpreting() or not x.is_cuda
-    t = INTERPRET_TILE if small else 64
-    block_m, block_k, block_r = _block(m, 16, t), _block(k, 16, t if small else 32), _block(r, 16, t)
+    t = tiles.INTERPRET_TILE if small else 64
+    block_m, block_k, block_r = block(m, 16, t), block(k, 16, t if small else 32), block(r, 16, t)
     programs = triton.cdiv(m, block_m) * triton.cdiv(r, block_r)
     steps = triton.cdiv(k, block_k)
     splits = shrink_splits(programs, steps, x)
@@ -229,10 +208,11 @@ def shrink(x: torch.Tensor, p: torch.Tensor, c: float = 1.0) -> torch.Tensor:
 
 
 def lora_gemm(x: torch.Tensor, w_op: torch.Tensor, bias: torch.Tensor | None, low: torch.Tensor,
-              up: torch.Tensor, s: float, out_dtype: torch.dtype) -> torch.Tensor:
+              up: torch.Tensor, s: float, out_dtype: torch.dtype, blocks: dict[str, int] | None = None) -> torch.Tensor:
     """``x @ w_op + bias + s * low @ up`` (``M x K``, ``K x N``, ``N``, ``M x r``, ``r x N``) in one kernel.
 
     ``x`` is cast to ``w_op``'s dtype in registers; fp32 accumulation; one write of the ``M x N`` result.
+    ``blocks``: the tile configuration (default: :func:`._tile_tuning.choose_blocks`).
     """
     _need_triton()
     m, k = x.shape
@@ -241,14 +221,17 @@ def lora_gemm(x: torch.Tensor, w_op: torch.Tensor, bias: torch.Tensor | None, lo
     out = torch.empty((m, n), device=x.device, dtype=out_dtype)
     if m == 0 or n == 0:
         return out
-    blocks = gemm_blocks(m, n, k, r, w_op.dtype, interpreting() or not x.is_cuda)
-    grid = (triton.cdiv(m, blocks["BLOCK_M"]) * triton.cdiv(n, blocks["BLOCK_N"]),)
-    _lora_gemm_kernel[grid](
-        x, w_op, bias if bias is not None else out, low, up, out, m, n, k, r, float(s),
-        x.stride(0), x.stride(1), w_op.stride(0), w_op.stride(1), low.stride(0), low.stride(1),
-        up.stride(0), up.stride(1), out.stride(0), out.stride(1),
-        HAS_BIAS=bias is not None, PRECISION=precision(x), UPCAST=interpreter_upcast(w_op.dtype, x),
-        ROUND_OUT=interpreter_upcast(out_dtype, x), GROUP_M=8, **blocks)
+
+    def launch(b: dict[str, int]) -> None:
+        grid = (triton.cdiv(m, b["BLOCK_M"]) * triton.cdiv(n, b["BLOCK_N"]),)
+        _lora_gemm_kernel[grid](
+            x, w_op, bias if bias is not None else out, low, up, out, m, n, k, r, float(s),
+            x.stride(0), x.stride(1), w_op.stride(0), w_op.stride(1), low.stride(0), low.stride(1),
+            up.stride(0), up.stride(1), out.stride(0), out.stride(1),
+            HAS_BIAS=bias is not None, PRECISION=precision(x), UPCAST=interpreter_upcast(w_op.dtype, x),
+            ROUND_OUT=interpreter_upcast(out_dtype, x), GROUP_M=8, **b)
+
+    launch(blocks or tiles.choose_blocks("lora_gemm", x, m, n, k, r, w_op.dtype, launch))
     return out
 
 
@@ -314,13 +297,16 @@ def kernel_applies(layer: nn.Module, x: torch.Tensor, forced: bool) -> bool:
 
 
 def fused_lora_linear(layer: nn.Module, x: torch.Tensor, forced: bool = False) -> torch.Tensor | None:
-    """The fused forward of a LoRA layer over a plain ``nn.Linear`` or a bitsandbytes 4-bit base,
+    """The fused forward of a LoRA layer over a plain ``nn.Linear``, GPT-2's ``Conv1D`` or a bitsandbytes 4-bit base,
     or ``None`` when it does not apply (anything else stays on the torch path)."""
     if not kernel_applies(layer, x, forced):
         return None
     base = layer.base_layer
-    if type(base) is nn.Linear:
+    conv1d = type(base).__name__ == "Conv1D" and type(base).__module__.startswith("transformers.")
+    if type(base) is nn.Linear or conv1d:
         W, bias = base.weight, base.bias
+        if conv1d:  # GPT-2's Conv1D stores W^T (in x out): W is a view, no copy
+            W = W.t()
         if W.requires_grad or W.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
             return None
         return lora_linear(x, W, bias, layer.lora_A.weight, layer.lora_B.weight, layer.scaling)

@@ -29,13 +29,12 @@ from torch import nn
 
 from adapterhub.registry import QuantizedLinear
 
+from . import _tile_tuning as tiles
 from ._bnb import NESTED_BLOCKSIZE, Bnb4bitLinear
 from ._lora_kernel import (
     KERNEL_DTYPES,
     _need_triton,
-    gemm_blocks,
     interpreter_upcast,
-    interpreting,
     lowrank_grads,
     precision,
     shrink,
@@ -135,12 +134,13 @@ def compute_dtype(module: Bnb4bitLinear, x: torch.Tensor) -> torch.dtype:
 def nf4_lora_gemm(x: torch.Tensor, module: Bnb4bitLinear, *, transpose: bool = False,
                   bias: torch.Tensor | None = None, low: torch.Tensor | None = None, up: torch.Tensor | None = None,
                   s: float = 0.0, cdtype: torch.dtype | None = None,
-                  out_dtype: torch.dtype | None = None) -> torch.Tensor:
+                  out_dtype: torch.dtype | None = None, blocks: dict[str, int] | None = None) -> torch.Tensor:
     """``x @ W^T + bias + s * low @ up`` (``transpose=False``, ``x``: ``M x in``) or ``x @ W + s * low @ up``
     (``transpose=True``, ``x``: ``M x out``), ``W`` dequantized from ``module``'s codes tile by tile.
 
     ``cdtype`` (default: the module's compute dtype for ``x``) is the dtype of the products;
     ``out_dtype`` (default ``x.dtype``) the result's. ``low``/``up`` (``M x r``, ``r x N``) may be omitted.
+    ``blocks``: the tile configuration (default: :func:`._tile_tuning.choose_blocks`).
     """
     _need_triton()
     n_out, n_in = module.out_features, module.in_features
@@ -157,17 +157,21 @@ def nf4_lora_gemm(x: torch.Tensor, module: Bnb4bitLinear, *, transpose: bool = F
     dq = module.double_quant
     nested = (module.nested_absmax, module.nested_quant_map, module.nested_offset) if dq else (out, out, out)
     flat_k, flat_n = (n_in, 1) if transpose else (1, n_in)
-    blocks = gemm_blocks(m, n, k, low.shape[1], cdtype, interpreting() or not x.is_cuda)
-    grid = (triton.cdiv(m, blocks["BLOCK_M"]) * triton.cdiv(n, blocks["BLOCK_N"]),)
-    _nf4_lora_gemm_kernel[grid](
-        x, module.qweight, module.absmax, module.quant_map, *nested, bias if bias is not None else out,
-        low, up, out, m, n, k, low.shape[1], float(s), module.blocksize, flat_k, flat_n,
-        x.stride(0), x.stride(1), low.stride(0), low.stride(1), up.stride(0), up.stride(1),
-        out.stride(0), out.stride(1),
-        DOUBLE_QUANT=dq, NESTED=NESTED_BLOCKSIZE, W_CODE=_CODES[module.weight_dtype], C_CODE=_CODES[cdtype],
-        HAS_BIAS=bias is not None, PRECISION=precision(x), UPCAST=interpreter_upcast(module.weight_dtype, x)
-        or interpreter_upcast(cdtype, x), ROUND_OUT=interpreter_upcast(out.dtype, x),
-        GROUP_M=8, enable_fp_fusion=False, **blocks)  # no FMA: scale * code + offset rounds like bitsandbytes
+
+    def launch(b: dict[str, int]) -> None:
+        grid = (triton.cdiv(m, b["BLOCK_M"]) * triton.cdiv(n, b["BLOCK_N"]),)
+        _nf4_lora_gemm_kernel[grid](
+            x, module.qweight, module.absmax, module.quant_map, *nested, bias if bias is not None else out,
+            low, up, out, m, n, k, low.shape[1], float(s), module.blocksize, flat_k, flat_n,
+            x.stride(0), x.stride(1), low.stride(0), low.stride(1), up.stride(0), up.stride(1),
+            out.stride(0), out.stride(1),
+            DOUBLE_QUANT=dq, NESTED=NESTED_BLOCKSIZE, W_CODE=_CODES[module.weight_dtype], C_CODE=_CODES[cdtype],
+            HAS_BIAS=bias is not None, PRECISION=precision(x), UPCAST=interpreter_upcast(module.weight_dtype, x)
+            or interpreter_upcast(cdtype, x), ROUND_OUT=interpreter_upcast(out.dtype, x),
+            GROUP_M=8, enable_fp_fusion=False, **b)  # no FMA: scale * code + offset rounds like bitsandbytes
+
+    kernel = "nf4_lora_gemm_t" if transpose else "nf4_lora_gemm"
+    launch(blocks or tiles.choose_blocks(kernel, x, m, n, k, low.shape[1], cdtype, launch))
     return out
 
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from ._triton import use_triton
+from ._triton import block, use_triton
 from .lora import adapter_factory  # noqa: F401  (re-exported for tied_lora, vera)
 
 try:
@@ -75,10 +75,6 @@ if triton is not None:
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _block(n: int, lo: int, hi: int) -> int:
-    """The power of two >= ``n``, clamped to ``[lo, hi]`` (``tl.dot`` needs tiles of >= 16)."""
-    return max(lo, min(hi, triton.next_power_of_2(max(n, 1))))
-
 
 def _check(x_a: torch.Tensor, B: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
            out: torch.Tensor | None) -> None:
@@ -118,7 +114,7 @@ def scaled_lowrank(x_a: torch.Tensor, B: torch.Tensor, u: torch.Tensor, v: torch
     if n == 0 or n_out == 0:
         return out
     precision = "tf32" if x_a.is_cuda and torch.backends.cuda.matmul.allow_tf32 else "ieee"
-    block_n, block_o, block_r = _block(n, 16, 64), _block(n_out, 16, 64), _block(r, 16, 64)
+    block_n, block_o, block_r = block(n, 16, 64), block(n_out, 16, 64), block(r, 16, 64)
     grid = (triton.cdiv(n, block_n), triton.cdiv(n_out, block_o))
     _scaled_lowrank_kernel[grid](
         x_a, B, u, v, out, n, r, n_out, float(s),

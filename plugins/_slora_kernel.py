@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from ._triton import block
+
 try:
     import triton
     import triton.language as tl
@@ -146,10 +148,6 @@ def _need_triton() -> None:
         raise RuntimeError("the slora kernels need triton (pip install triton); the torch path needs nothing")
 
 
-def _block(n: int, lo: int, hi: int) -> int:
-    """The power of two >= ``n``, clamped to ``[lo, hi]`` (``tl.dot`` needs tiles of >= 16)."""
-    return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
-
 
 def _precision(t: torch.Tensor) -> str:
     return "tf32" if t.is_cuda and torch.backends.cuda.matmul.allow_tf32 else "ieee"
@@ -172,8 +170,8 @@ def bgmv_shrink(x: torch.Tensor, A: torch.Tensor, scaling: torch.Tensor, rank: t
     xa = torch.empty((n, r), device=x.device, dtype=torch.float32)
     if n == 0 or r == 0:
         return xa.zero_()
-    block_r = _block(r, 16, 64)
-    block_k = _block(x.shape[1], 16, 128)
+    block_r = block(r, 16, 64)
+    block_k = block(x.shape[1], 16, 128)
     _bgmv_shrink_kernel[(n, triton.cdiv(r, block_r))](
         x, A, scaling, rank, token_slots, xa, x.shape[1], r,
         x.stride(0), x.stride(1), A.stride(0), A.stride(1), A.stride(2), xa.stride(0), xa.stride(1),
@@ -191,7 +189,7 @@ def bgmv_expand(xa: torch.Tensor, B: torch.Tensor, rank: torch.Tensor, token_slo
         raise ValueError(f"slora kernel: y must be {(n, n_out)} and r <= {B.shape[2]}; got {tuple(y.shape)}, r={r}")
     if n == 0 or r == 0 or n_out == 0:
         return y
-    block_o, block_r = _block(n_out, 16, 64), _block(r, 16, 64)
+    block_o, block_r = block(n_out, 16, 64), block(r, 16, 64)
     _bgmv_expand_kernel[(n, triton.cdiv(n_out, block_o))](
         xa, B, rank, token_slots, y, n_out, r,
         xa.stride(0), xa.stride(1), B.stride(0), B.stride(1), B.stride(2), y.stride(0), y.stride(1),
@@ -210,7 +208,7 @@ def sgmv_shrink(x: torch.Tensor, A: torch.Tensor, scaling: torch.Tensor, rank: t
     n_seg = seg_slot.shape[0]
     if n_seg == 0 or r == 0 or max_len == 0:
         return xa
-    block_m, block_r, block_k = _block(max_len, 16, 64), _block(r, 16, 64), _block(x.shape[1], 16, 64)
+    block_m, block_r, block_k = block(max_len, 16, 64), block(r, 16, 64), block(x.shape[1], 16, 64)
     grid = (n_seg, triton.cdiv(max_len, block_m), triton.cdiv(r, block_r))
     _sgmv_shrink_kernel[grid](
         x, A, scaling, rank, seg_start, seg_len, seg_slot, xa, x.shape[1], r,
@@ -231,7 +229,7 @@ def sgmv_expand(xa: torch.Tensor, B: torch.Tensor, rank: torch.Tensor, seg_start
     n_seg = seg_slot.shape[0]
     if n_seg == 0 or r == 0 or max_len == 0 or n_out == 0:
         return y
-    block_m, block_o, block_r = _block(max_len, 16, 64), _block(n_out, 16, 64), _block(r, 16, 64)
+    block_m, block_o, block_r = block(max_len, 16, 64), block(n_out, 16, 64), block(r, 16, 64)
     grid = (n_seg, triton.cdiv(max_len, block_m), triton.cdiv(n_out, block_o))
     _sgmv_expand_kernel[grid](
         xa, B, rank, seg_start, seg_len, seg_slot, y, n_out, r,

@@ -49,3 +49,8 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     if kernel_mode() == "torch" or not triton_available():
         return False
     return all(t.is_cuda for t in tensors)
+
+
+def block(n: int, lo: int, hi: int) -> int:
+    """The power of two >= ``n``, clamped to ``[lo, hi]`` (``tl.dot`` needs tiles of >= 16)."""
+    return max(lo, min(hi, 1 << max(0, int(n) - 1).bit_length()))

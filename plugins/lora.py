@@ -147,9 +147,9 @@ class LoraLayer(AdapterLayer):
         return (self.lora_embedding_A if self.kind == "embedding" else self.lora_A.weight).dtype
 
     def adapted_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """``base(x) + s * B A dropout(x)``, the update in the adapter's dtype; over a Linear or 4-bit
-        base, without dropout in training, one fused Triton kernel on CUDA (see :func:`kernel_mode`)."""
-        if self.kind == "linear" and not args and not kwargs and (mode := kernel_mode()) != "torch" and (
+        """``base(x) + s * B A dropout(x)``, the update in the adapter's dtype; over a Linear, Conv1D or
+        4-bit base, without dropout in training, one fused Triton kernel on CUDA (see :func:`kernel_mode`)."""
+        if self.kind != "embedding" and not args and not kwargs and (mode := kernel_mode()) != "torch" and (
                 x.is_cuda or mode == "triton"):
             from ._lora_kernel import fused_lora_linear
 

@@ -24,6 +24,7 @@ pytest.importorskip("triton")
 import adapterhub  # noqa: E402
 from adapterhub.models import build_builtin  # noqa: E402
 from adapterhub.plugins import _lora_kernel as lk  # noqa: E402
+from adapterhub.plugins import _tile_tuning as tiles  # noqa: E402
 from adapterhub.plugins.lora import LoraLayer  # noqa: E402
 from adapterhub.registry import AdapterhubError  # noqa: E402
 
@@ -172,11 +173,12 @@ def logits_and_grads(model: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor,
 
 
 def compare_paths(spec: str, monkeypatch, launches, tol: float, device: torch.device | str = "cpu",
-                  kernel_env: str = "triton") -> None:
+                  kernel_env: str = "triton", model: str = "tiny-llama", no_dx: int = 3) -> None:
     """Logits and every adapter gradient, torch path vs fused path (``ADAPTERHUB_KERNELS=kernel_env``:
-    ``triton`` forces it on CPU, ``auto`` takes it on CUDA), on tiny-llama on ``device``."""
-    monkeypatch.setattr(lk, "INTERPRET_TILE", 64)  # the interpreter's cost is per program; edges are tested above
-    model = perturbed(adapterhub.apply(build_builtin("tiny-llama"), spec)).to(device)
+    ``triton`` forces it on CPU, ``auto`` takes it on CUDA), on a built-in model on ``device``. ``no_dx``:
+    the adapted layers whose input needs no gradient (they read the frozen embedding's output)."""
+    monkeypatch.setattr(tiles, "INTERPRET_TILE", 64)  # the interpreter's cost is per program; edges are tested above
+    model = perturbed(adapterhub.apply(build_builtin(model), spec)).to(device)
     ids = torch.randint(0, 256, (1, 6), generator=torch.Generator().manual_seed(5)).to(device)
     monkeypatch.setenv("ADAPTERHUB_KERNELS", "torch")
     want_logits, want_grads = logits_and_grads(model, ids)
@@ -184,9 +186,8 @@ def compare_paths(spec: str, monkeypatch, launches, tol: float, device: torch.de
     monkeypatch.setenv("ADAPTERHUB_KERNELS", kernel_env)
     got_logits, got_grads = logits_and_grads(model, ids)
     n_layers = len(list(adapterhub.adapter_layers(model)))
-    # one fused forward per layer and one fused dx per layer but q/k/v of block 0 (their input, the
-    # frozen embedding's output, needs no gradient)
-    assert len(launches) == 2 * n_layers - 3
+    # one fused forward per layer and one fused dx per layer but those reading the embedding's output
+    assert len(launches) == 2 * n_layers - no_dx
     assert rel(got_logits, want_logits) < tol
     assert len(got_grads) == len(want_grads) == 2 * n_layers
     for a, b in zip(got_grads, want_grads):
@@ -195,6 +196,13 @@ def compare_paths(spec: str, monkeypatch, launches, tol: float, device: torch.de
 
 def test_applied_model_same_logits_and_grads(monkeypatch, launches, kernel_device, kernel_env):
     compare_paths("attn.* -> lora(r=4)", monkeypatch, launches, 1e-5, kernel_device, kernel_env)
+    assert set(launches) == {"lora_gemm"}
+
+
+def test_gpt2_conv1d_bases_take_the_fused_path(monkeypatch, launches, kernel_device, kernel_env):
+    """GPT-2's Conv1D holds W^T; the kernel reads it through strides (no copy), forward and backward."""
+    compare_paths("c_attn -> lora(r=3)\nc_fc -> lora(r=2)", monkeypatch, launches, 1e-5, kernel_device,
+                  kernel_env, model="tiny-gpt2", no_dx=1)
     assert set(launches) == {"lora_gemm"}
 
 
@@ -210,7 +218,7 @@ def test_mode_torch_auto_on_cpu_and_bad_value(monkeypatch, launches):
         model(ids)
 
 
-def test_dropout_in_training_and_conv1d_stay_on_torch(monkeypatch, launches, kernel_device, kernel_env):
+def test_dropout_in_training_and_fp64_stay_on_torch(monkeypatch, launches, kernel_device, kernel_env):
     monkeypatch.setenv("ADAPTERHUB_KERNELS", kernel_env)
     lin = nn.Linear(20, 18)
     layer = perturbed(LoraLayer(lin, r=3, dropout=0.5)).to(kernel_device)
@@ -226,9 +234,6 @@ def test_dropout_in_training_and_conv1d_stay_on_torch(monkeypatch, launches, ker
     with torch.no_grad():
         assert rel(got, layer(x)) < 1e-6
     monkeypatch.setenv("ADAPTERHUB_KERNELS", kernel_env)
-    gpt2 = adapterhub.apply(build_builtin("tiny-gpt2"), "c_attn -> lora(r=2)").to(kernel_device)
-    gpt2(torch.randint(0, 256, (1, 4)).to(kernel_device))
-    assert launches == ["lora_gemm"]  # Conv1D bases are not fused
     lin64 = LoraLayer(nn.Linear(8, 8).double(), r=2).to(kernel_device)
     lin64(torch.randn(2, 8, dtype=torch.float64).to(kernel_device))
     assert launches == ["lora_gemm"]  # fp64 is not a kernel dtype
