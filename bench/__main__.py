@@ -14,6 +14,7 @@ import importlib
 import importlib.util
 import inspect
 import json
+import os
 import subprocess
 import sys
 import time
@@ -23,7 +24,10 @@ from typing import Any
 from .common import ROOT, machine
 
 # every name in DESIGN.md "Measuring", in the order the suite runs them
-BENCHMARKS = ["train_step", "overhead", "qlora", "lora_fa_memory", "merge", "serving", "plan", "longlora"]
+BENCHMARKS = ["train_step", "overhead", "qlora", "lora_fa_memory", "merge", "serving", "plan", "longlora", "kernels"]
+#: benchmarks that time GPU kernels: the suite skips them on the CPU, except their --quick smoke runs (which
+#: run on the Triton CPU interpreter)
+CUDA_ONLY = {"kernels"}
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -155,10 +159,17 @@ def run_suite(names: list[str], args: argparse.Namespace) -> int:
             row["status"], row["note"] = "skipped", "no quick mode"
             print(f"[{i}/{len(names)}] {name}: skipped (no quick mode)", flush=True)
             continue
+        env = dict(os.environ)
+        if name in CUDA_ONLY and device != "cuda":
+            if not args.quick:
+                row["status"], row["note"] = "skipped", "needs CUDA (times the Triton kernels on a GPU)"
+                print(f"[{i}/{len(names)}] {name}: skipped (needs CUDA)", flush=True)
+                continue
+            env["TRITON_INTERPRET"] = "1"
         cmd = [sys.executable, "-m", "bench", name, *flags(args, takes, device)]
         print(f"[{i}/{len(names)}] {name} ...", flush=True)
         t0 = time.perf_counter()
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
         sys.stdout.write(proc.stdout)
         row.update(parse_output(proc.stdout))
         if proc.returncode != 0 or row["result"] is None:

@@ -87,3 +87,21 @@ def test_bad_requests_exit_2(argv, capsys):
 
     assert main(argv) == 2
     assert capsys.readouterr().err.strip()
+
+
+def test_kernels_is_skipped_on_cpu_and_its_quick_run_uses_the_interpreter(tmp_path):
+    """The GPU-kernel benchmark: a skipped row on the CPU; ``--quick`` runs the whole harness on the
+    interpreter and the three sides (fused, torch path, PEFT) compute the same layer."""
+    from bench.__main__ import parse_args, run_suite
+
+    out = tmp_path / "r.md"
+    assert run_suite(["kernels"], parse_args(["--device", "cpu", "--out", str(out)])) == 0
+    assert re.search(r"^\| kernels \| - \| skipped \| needs CUDA", out.read_text(), re.M)
+    assert run_suite(["kernels"], parse_args(["--quick", "--device", "cpu", "--out", str(out)])) == 0
+    text = out.read_text()
+    assert re.search(r"^\| kernels \| layer_step_time \| \d+\.\d{3} \| shapes=2, device=cpu \|$", text, re.M), text
+    rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| tiny")]
+    assert len(rows) == 2
+    for row in rows:
+        to_torch, to_peft = (float(v) for v in row[7].split(" / "))
+        assert to_torch < 2e-2 and to_peft < 2e-2  # bf16: one rounding of the largest entries
