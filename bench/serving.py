@@ -22,6 +22,9 @@ both sides is taken out. Each time is the median of ``REPEATS`` runs after a war
 pool's adapters in), the two sides alternating run by run, torch on one thread (see bench/qlora.py for why).
 Load time: adding the N adapters (cumulative; pool.add / PEFT as above). The greedy tokens of both sides are
 compared row by row. RESULT ratio = adapterhub decode tokens/s / PEFT decode tokens/s at 64 adapters.
+``--device cuda``: the same on the GPU (fp32, TF32 off), where the pool's ``slora`` layers run the BGMV
+(decode) and SGMV (prefill) Triton kernels; every run ends in a host copy of the tokens, so the clock
+reads finished GPU work.
 """
 
 from __future__ import annotations
@@ -179,6 +182,8 @@ class Peft:
         for row, p in enumerate(prompts):
             ids[row, width - len(p):] = torch.tensor(p)
             mask[row, width - len(p):] = 1
+        device = next(self.model.parameters()).device
+        ids, mask = ids.to(device), mask.to(device)
         names = [f"a{i}" for i in which]
 
         def run(new: int) -> list[list[int]]:
@@ -213,17 +218,19 @@ def measure(sides: dict[str, Callable[[int], Any]]) -> dict[str, float]:
     return rate
 
 
-def main() -> str:
+def main(device: str = "cpu") -> str:
     import torch
     from rich.progress import Progress
 
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
+    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 on both sides, so greedy tokens can be compared
     base = base_model()
     rows, ratios = [], {}
     with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp, Progress(transient=True) as progress:
         task = progress.add_task(f"writing {max(COUNTS)} LoRA bundles", total=None)
         dirs = write_adapters(base, Path(tmp), max(COUNTS))
+        base = base.to(device)
         sides = {"adapterhub": Ours(base), "peft": Peft(base)}
         loaded = 0
         for count in COUNTS:
@@ -245,7 +252,8 @@ def main() -> str:
                          f"{sides['adapterhub'].pool.stats()['device_bytes'] / 2**20:.0f} MiB", f"{same}/{BATCH}"])
     print_table(f"serving: Llama hidden {CONFIG['hidden_size']}, {CONFIG['num_hidden_layers']} layers, vocab "
                 f"{CONFIG['vocab_size']}; LoRA r in {set(RANKS)} on q/k/v/o; batch of {BATCH} requests, prompts "
-                f"{PROMPT_MIN}-{PROMPT_MAX} tokens, {NEW} new tokens, greedy; CPU, 1 thread",
+                f"{PROMPT_MIN}-{PROMPT_MAX} tokens, {NEW} new tokens, greedy; "
+                f"{torch.cuda.get_device_name(0) + ' (BGMV/SGMV kernels)' if device == 'cuda' else 'CPU, 1 thread'}",
                 ["adapters", "in batch", "ours tok/s", "PEFT tok/s", "ratio", "ours load s", "PEFT load s",
                  "pool mem", "same tokens"], rows)
     print("tok/s: decode tokens per second (prefill excluded); adapterhub: AdapterPool + GenerationEngine; "
