@@ -26,9 +26,17 @@ weight plus ``ΔW`` (``quant_base="original"``, the default). ``ΔW`` itself is 
 adapter computes it: on the dequantized weight for variants whose delta reads the base (DoRA, IA3,
 GLoRA). ``quant_base="dequantized"`` merges into ``deq(Q(W0))`` instead -- exactly the function of
 the adapted (quantized) model, at the cost of the quantization error -- and also writes frozen
-``on QUANT`` modules dequantized. Variants that quantize jointly with their init (LoftQ, LQ-LoRA)
-always merge into their own ``deq(Q)``: their ``B A`` was initialised to compensate ``W0 − deq(Q)``,
-so ``W0 + ΔW`` would count it twice. To keep a quantized model, merge in memory with
+``on QUANT`` modules dequantized. Variants that quantize jointly with their init (LoftQ, LQ-LoRA) always
+merge into their own ``deq(Q)``: their ``B A`` was initialised to compensate ``W0 − deq(Q)``, so
+``W0 + ΔW`` would count it twice (on GPT-2's Conv1D the result is stored back as ``in x out``). That
+``Q`` is the one the bundle saved (``base_quant.safetensors``,
+:mod:`adapterhub.plugins._saved_base`): the layer is built with its init skipped (as
+``adapterhub.load`` builds it), the module's saved buffers -- read for that module alone -- are
+copied into its quantized base, then the adapter's tensors; so the merge takes no quantize/SVD
+iterations and stays exact even if the checkpoint's weights differ slightly from the ones trained
+on. A bundle saved before bases were stored (or one merged with ``check_base=False`` into a base of
+another structure) re-runs the init on the checkpoint's weights under the bundle's seed, which
+reproduces ``Q`` only for bit-identical weights. To keep a quantized model, merge in memory with
 :func:`adapterhub.merge_quantized` (``requantize=True``).
 """
 
@@ -46,6 +54,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from adapterhub.plugins._saved_base import SavedBaseFile, restore_base, restoring
 from adapterhub.registry import AdapterhubError, AdapterLayer, ApplyContext, Registry, bind, get_registry
 
 from .atomic import fsync_dir
@@ -102,7 +111,8 @@ def _placeholder(meta_module: nn.Module, dtypes: dict[str, torch.dtype]) -> nn.M
 
 
 class _Merger:
-    def __init__(self, ckpt: Checkpoint, meta: nn.Module, info: BundleInfo, registry: Registry, quant_base: str):
+    def __init__(self, ckpt: Checkpoint, meta: nn.Module, info: BundleInfo, registry: Registry, quant_base: str,
+                 saved_bases: bool = True):
         self.ckpt, self.meta, self.info, self.registry, self.quant_base = ckpt, meta, info, registry, quant_base
         self.prefix = getattr(meta, "base_model_prefix", "") or ""
         self.entries = {e.module: e for e in info.entries}
@@ -113,7 +123,21 @@ class _Merger:
         self.replaced: list[str] = []
         self.written: set[str] = set()
         self._check()
+        self.bases = self._saved_bases() if saved_bases else None
+        self.restored: list[str] = []  # modules merged into their saved deq(Q)
         self.layers = self._skeleton()
+
+    def _saved_bases(self) -> SavedBaseFile | None:
+        """The bundle's saved quantized bases (header only), or None for a bundle without them."""
+        m = self.info.manifest
+        if not m or not m.get("base_quant"):
+            return None
+        bases = SavedBaseFile(self.info.directory, m["base_quant"], set(m["modules"]))
+        stray = sorted(n for n in bases.modules if n not in self.entries or not self._owns(self.entries[n]))
+        if stray:
+            raise AdapterhubError(f"bundle '{self.info.source}': module '{stray[0]}' has a saved quantized base, but "
+                                  "its adapter does not quantize its own base (LoftQ, LQ-LoRA)")
+        return bases
 
     def _check(self) -> None:
         tied: dict[int, list[str]] = {}
@@ -222,11 +246,17 @@ class _Merger:
         with torch.no_grad():
             if self._owns(e):
                 q = self.registry.quantizers[e.quant]
-                with torch.random.fork_rng(devices=[]):
+                saved = self.bases.read(module) if self.bases is not None and module in self.bases.modules else None
+                skip_init = frozenset({module}) if saved is not None else frozenset()
+                with torch.random.fork_rng(devices=[]), restoring(skip_init, {module: e.quant_params}):
                     torch.manual_seed(self.info.seed)
                     layer = variant.wrap_quantized(real, bind(variant.Params, e.params, owner=variant.name), q,
                                                    bind(q.Params, e.quant_params, owner=q.name),
                                                    ApplyContext(seed=self.info.seed), module)
+                if saved is not None:  # Q as trained: the bundle's buffers replace the plain quantization
+                    restore_base(layer.base_layer, saved, f"bundle '{self.info.source}', module '{module}'")
+                    self.restored.append(module)
+                    del saved
                 others = [m for m in self.entries if m != module]
                 load_layer_tensors({module: layer}, self.info.directory, self.info.source, ignore_modules=others)
                 base, label = layer.to_base_layout(layer.base_weight()), "dequantized"
@@ -250,6 +280,8 @@ class _Merger:
             w_norm = torch.linalg.vector_norm(w0, dtype=torch.float32).item()
             change = torch.linalg.vector_norm(delta).item() / w_norm if w_norm else 0.0
             delta.add_(base)  # in place: W0 + ΔW in fp32 without another full-size temporary
+            if self._owns(e) and _is_conv1d(real):  # the owned base is a Linear (out x in); Conv1D stores in x out
+                delta = delta.t()
             out = {"weight": delta.to(w0.dtype)}
             del delta, base
             b0 = getattr(real, "bias", None)
@@ -287,6 +319,7 @@ def merge_checkpoint(model: str, adapter: str | os.PathLike, out: str | os.PathL
                      progress: bool = False, registry: Registry | None = None) -> StreamMergeReport:
     """Merge ``adapter`` into the checkpoint of ``model`` and write the full model to ``out``
     (see the module docstring). ``model``: a built-in name, a checkpoint directory or a cached Hub id."""
+    from .fingerprint import model_fingerprint
     from .models import _transformers, meta_model_from_config, resolve_source
 
     if quant_base not in ("original", "dequantized"):
@@ -319,10 +352,18 @@ def merge_checkpoint(model: str, adapter: str | os.PathLike, out: str | os.PathL
         config = _transformers().AutoConfig.from_pretrained(path)
         meta = meta_model_from_config(config)
         info = bundle_entries(adapter, meta)
+        fingerprint = model_fingerprint(meta)
         if check_base:
-            check_fingerprint(info, meta)
-        merger = _Merger(ckpt, meta, info, registry, quant_base)
+            check_fingerprint(info, meta, fingerprint)
+        merger = _Merger(ckpt, meta, info, registry, quant_base, saved_bases=_same_base(info, fingerprint))
         return _write(ckpt, merger, out, str(model), str(adapter), progress)
+
+
+def _same_base(info: BundleInfo, fingerprint: str) -> bool:
+    """Whether the model (its ``fingerprint``) is the bundle's base, so its saved quantized bases fit
+    (as ``load`` decides: with ``check_base=False`` and another base, the jointly-quantizing inits re-run)."""
+    want = (info.manifest or {}).get("base_fingerprint")
+    return not want or fingerprint == want
 
 
 def _write(ckpt: Checkpoint, merger: _Merger, out: Path, model: str, adapter: str, progress: bool) -> StreamMergeReport:
@@ -400,5 +441,11 @@ def _notes(merger: _Merger) -> list[str]:
                          "dequantized weights (the adapted model's exact function)")
     owns = sorted({e.variant for e in merger.info.entries if merger._owns(e)})
     if owns:
-        notes.append(f"{', '.join(owns)} quantize jointly with their init: merged into their own deq(Q)")
+        rerun = sorted(r.module for r in merger.reports if r.module not in merger.restored
+                       and merger._owns(merger.entries[r.module]))
+        how = "the deq(Q) saved in the bundle" if not rerun else (
+            f"their own deq(Q); {len(rerun)} module(s) had no saved base to use (an older bundle, or a model "
+            "of another structure), so their init was re-run on the checkpoint's weights, which reproduces Q only "
+            "if those are the weights trained on")
+        notes.append(f"{', '.join(owns)} quantize jointly with their init: merged into {how}")
     return notes

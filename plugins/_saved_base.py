@@ -11,6 +11,10 @@ skips the init and builds the base's structure with one plain quantization of ``
 adapter factors (the bundle's own tensors are loaded afterwards). :func:`saved_quant_params` gives
 an allocating quantizer (``lq(budget=...)``) the per-module parameters the bundle recorded, so the
 allocation is not recomputed either.
+
+The streaming merge (``adapterhub merge``) reads the file lazily with :class:`SavedBaseFile`: the
+header once (validated as :func:`read_saved_bases` validates the whole file), then one module's
+buffers at a time.
 """
 
 from __future__ import annotations
@@ -20,9 +24,10 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
@@ -30,6 +35,8 @@ from adapterhub.registry import AdapterhubError, AdapterLayer, QuantizedLinear
 
 FILE = "base_quant.safetensors"
 KEY_PREFIX = "base_quant."
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -90,6 +97,18 @@ def read_saved_bases(directory: Path, info: Any, adapted: set[str]) -> dict[str,
     """Read ``directory/base_quant.safetensors`` as the manifest's ``base_quant`` entry ``info``
     (``{"file", "modules", "bytes"}``) lists it: ``{module: {buffer: tensor}}``. ``adapted``: the
     modules the manifest adapts (a saved base for any other module is an error)."""
+    modules = listed_modules(directory, info, adapted)
+    path = directory / FILE
+    try:
+        tensors = load_file(str(path))
+    except Exception as exc:
+        raise AdapterhubError(f"cannot read {path}: {exc}") from None
+    return split_by_module(tensors, modules, str(path))
+
+
+def listed_modules(directory: Path, info: Any, adapted: set[str]) -> list[str]:
+    """The modules the manifest's ``base_quant`` entry ``info`` lists, checked: a well-formed entry,
+    the file present, every module one the manifest adapts (``adapted``)."""
     modules = info.get("modules") if isinstance(info, dict) else None
     path = directory / FILE
     if not isinstance(modules, list) or not all(isinstance(n, str) for n in modules) or info.get("file") != FILE:
@@ -100,11 +119,37 @@ def read_saved_bases(directory: Path, info: Any, adapted: set[str]) -> dict[str,
     unknown = [n for n in modules if n not in adapted]
     if unknown:
         raise AdapterhubError(f"bundle '{directory}': {FILE} holds modules the manifest does not adapt: {unknown[:3]}")
-    try:
-        tensors = load_file(str(path))
-    except Exception as exc:
-        raise AdapterhubError(f"cannot read {path}: {exc}") from None
-    return split_by_module(tensors, modules, str(path))
+    return modules
+
+
+class SavedBaseFile:
+    """``directory/base_quant.safetensors`` read one module at a time (the streaming merge keeps only
+    a few tensors resident). Opening reads and checks the header against the manifest's entry
+    ``info`` (as :func:`read_saved_bases` does); :meth:`read` then loads a single module's buffers."""
+
+    def __init__(self, directory: Path, info: Any, adapted: set[str]):
+        modules = listed_modules(directory, info, adapted)
+        self.path = directory / FILE
+        try:
+            with safe_open(str(self.path), framework="pt") as f:
+                keys = list(f.keys())
+        except Exception as exc:
+            raise AdapterhubError(f"cannot read {self.path}: {exc}") from None
+        self.keys: dict[str, dict[str, str]] = split_by_module({k: k for k in keys}, modules, str(self.path))
+
+    @property
+    def modules(self) -> frozenset[str]:
+        return frozenset(self.keys)
+
+    def read(self, module: str) -> dict[str, torch.Tensor]:
+        """``{buffer: tensor}`` of ``module``'s saved base (only its tensors are read)."""
+        if module not in self.keys:
+            raise AdapterhubError(f"{self.path} holds no saved quantized base for module '{module}'")
+        try:
+            with safe_open(str(self.path), framework="pt") as f:
+                return {buf: f.get_tensor(key) for buf, key in self.keys[module].items()}
+        except Exception as exc:
+            raise AdapterhubError(f"cannot read {self.path}: {exc}") from None
 
 
 def restore_bases(layers: Mapping[str, AdapterLayer], bases: Mapping[str, Mapping[str, torch.Tensor]],
@@ -119,9 +164,10 @@ def restore_bases(layers: Mapping[str, AdapterLayer], bases: Mapping[str, Mappin
         restore_base(base, saved, f"{where}, module '{name}'")
 
 
-def split_by_module(tensors: Mapping[str, torch.Tensor], modules: list[str], where: str) -> dict[str, dict]:
-    """``{module: {buffer: tensor}}`` from a ``base_quant.safetensors`` mapping (longest module name wins)."""
-    out: dict[str, dict[str, torch.Tensor]] = {m: {} for m in modules}
+def split_by_module(tensors: Mapping[str, T], modules: list[str], where: str) -> dict[str, dict[str, T]]:
+    """``{module: {buffer: tensor}}`` from a ``base_quant.safetensors`` mapping (longest module name wins);
+    the values are passed through (tensors, or the keys themselves to plan lazy reads)."""
+    out: dict[str, dict[str, T]] = {m: {} for m in modules}
     by_length = sorted(modules, key=len, reverse=True)
     for key, t in tensors.items():
         rest = key.removeprefix(KEY_PREFIX)
