@@ -142,15 +142,35 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
         if not _mergeable(layer):
             raise NotMergeableError(f"adapter '{name}' ({layer.variant}) cannot be merged into the base weights; "
                                     "remove it or keep the model unmerged")
+    info = applied(model)
+    conv1d = {e.module for e in info.plan.entries if e.type_name == "Conv1D"} if info is not None else set()
     for name, layer in layers:
         layer.merge()
         if layer.attached:
             parent, child = parent_of(model, name)
             delattr(parent, child)
         else:
-            replace_module(model, name, layer.base_layer)
+            base = layer.base_layer
+            if name in conv1d and type(base) is nn.Linear:  # a quantized Conv1D merged into a dense Linear
+                base = _as_conv1d(base)
+            replace_module(model, name, base)
     model.__dict__.pop("adapterhub", None)
     return model
+
+
+def _as_conv1d(linear: nn.Linear) -> nn.Module:
+    """GPT-2's ``Conv1D`` holding ``linear``'s function (its weight stored ``in x out``), so that a merged
+    model saves the layout its architecture loads."""
+    from transformers.pytorch_utils import Conv1D
+
+    conv = Conv1D(linear.out_features, linear.in_features).to(device=linear.weight.device, dtype=linear.weight.dtype)
+    with torch.no_grad():
+        conv.weight.copy_(linear.weight.t())
+        if linear.bias is not None:
+            conv.bias.copy_(linear.bias)
+        else:
+            conv.bias.zero_()
+    return conv.requires_grad_(False)
 
 
 def _mergeable(layer: AdapterLayer) -> bool:

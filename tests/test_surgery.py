@@ -134,6 +134,25 @@ def test_merge_and_unload_gives_a_plain_model_with_the_same_outputs(tiny_llama, 
     assert torch.allclose(logits(tiny_llama, ids), out, atol=1e-4)
 
 
+def test_merged_quantized_conv1d_is_a_conv1d_again_and_saves_loadably(tiny_gpt2, ids, tmp_path):
+    """GPT-2 with ``lora on nf4`` on its Conv1D layers: merge_and_unload gives Conv1D modules (weights
+    ``in x out``), so ``save_pretrained`` writes a checkpoint GPT-2 loads with the same outputs."""
+    from transformers import GPT2LMHeadModel
+    from transformers.pytorch_utils import Conv1D
+
+    adapterhub.apply(tiny_gpt2, "c_attn -> lora(r=4) on nf4\nc_fc -> lora(r=2)")
+    randomize_adapters(tiny_gpt2)
+    out = logits(tiny_gpt2, ids)
+    adapterhub.merge_and_unload(tiny_gpt2)
+    for name in ("c_attn", "c_fc"):
+        module = tiny_gpt2.transformer.h[0].get_submodule("attn." + name if name == "c_attn" else "mlp." + name)
+        assert type(module) is Conv1D and module.weight.shape[0] == tiny_gpt2.config.n_embd
+    assert torch.allclose(logits(tiny_gpt2, ids), out, atol=1e-4)
+    tiny_gpt2.save_pretrained(tmp_path / "merged")
+    reloaded = GPT2LMHeadModel.from_pretrained(tmp_path / "merged").eval()
+    assert torch.allclose(logits(reloaded, ids), out, atol=1e-4)
+
+
 def test_merge_and_unload_refuses_unmergeable_adapters_before_changing_anything(tiny_llama):
     adapterhub.apply(tiny_llama, "attn.* -> lora(r=4)\nmlp.down_proj -> bottleneck(size=4)")
     with pytest.raises(adapterhub.AdapterhubError, match="cannot be merged"):
