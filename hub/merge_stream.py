@@ -330,6 +330,7 @@ def merge_checkpoint(model: str, adapter: str | os.PathLike, out: str | os.PathL
         raise AdapterhubError(f"--out '{out}' is a file")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise AdapterhubError(f"--out '{out}' is not empty; pass --overwrite to replace the model in it")
+    _refuse_classifier(adapter)
     src = resolve_source(model)
     with tempfile.TemporaryDirectory(prefix="adapterhub-merge-src-") as tmp:
         if src.kind == "builtin":
@@ -449,3 +450,19 @@ def _notes(merger: _Merger) -> list[str]:
             "if those are the weights trained on")
         notes.append(f"{', '.join(owns)} quantize jointly with their init: merged into {how}")
     return notes
+
+
+def _refuse_classifier(adapter: str | os.PathLike) -> None:
+    """A classification bundle's head is not in the base checkpoint: say how to merge it instead."""
+    from .bundle import MANIFEST, read_manifest
+    from .sources import bundle_dir
+
+    directory = bundle_dir(adapter)
+    task = read_manifest(directory).get("task") if (directory / MANIFEST).is_file() else None
+    if task:
+        n = task.get("num_labels") if isinstance(task, dict) else "?"
+        raise AdapterhubError(
+            f"bundle '{adapter}' is a sequence classifier ({n} labels): the streaming merge writes the base "
+            "model's checkpoint, which has no head for them. Merge it in memory instead: model = "
+            "adapterhub.load_classifier(MODEL, BUNDLE); adapterhub.merge_and_unload(model); "
+            "model.save_pretrained(DIR)")

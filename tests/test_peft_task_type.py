@@ -217,3 +217,17 @@ def test_compose_of_classifiers_names_the_head_rule(tmp_path):
     _classifier_bundle(tmp_path / "b", spec="attn.* -> lora(r=2, alpha=8)\n")
     with pytest.raises(AdapterhubError, match="module 'classifier' is a `train` rule"):
         compose([tmp_path / "a", tmp_path / "b"], tmp_path / "c")
+
+
+def test_streaming_merge_of_a_classifier_says_how_and_the_in_memory_recipe_works(tmp_path):
+    from adapterhub.merge_stream import merge_checkpoint
+
+    model = _classifier_bundle(tmp_path / "b")
+    with pytest.raises(AdapterhubError, match=r"sequence classifier \(3 labels\).*load_classifier"):
+        merge_checkpoint("tiny-bert", tmp_path / "b", tmp_path / "m")
+    assert not (tmp_path / "m").exists()
+    merged = adapterhub.merge_and_unload(load_classifier("tiny-bert", tmp_path / "b"))
+    merged.save_pretrained(tmp_path / "m")
+    reloaded = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "m").eval()
+    assert (_logits(reloaded) - _logits(model)).abs().max().item() < 1e-5
+    assert reloaded.config.id2label == dict(enumerate(LABELS))
