@@ -24,6 +24,7 @@ from adapterhub.merge_stream import merge_checkpoint
 from adapterhub.models import build_builtin
 from adapterhub.plugins import _saved_base, loftq, lqlora
 
+from .test_merge_stream import hf_logits, trained
 from .variant_cases.case_lqlora import decode_lq
 
 LOFTQ = "attn.{q_proj,v_proj} -> loftq(r=4, alpha=16, iters=2) on nf4\n"
@@ -33,24 +34,9 @@ GPT2_LOFTQ = "attn.c_attn -> loftq(r=4, alpha=16, iters=2) on int8\n"
 MODULE = "model.layers.0.self_attn.q_proj"
 
 
-def trained(name: str, spec: str, seed: int = 1) -> torch.nn.Module:
-    model = adapterhub.apply(build_builtin(name), spec, seed=seed)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in adapterhub.trainable_parameters(model):
-            p.add_(torch.randn(p.shape, generator=g) * 0.05)
-    return model
-
-
 def logits(model, ids) -> torch.Tensor:
     with torch.no_grad():
         return model(input_ids=ids).logits
-
-
-def hf_logits(path, ids) -> torch.Tensor:
-    from transformers import AutoModelForCausalLM
-
-    return logits(AutoModelForCausalLM.from_pretrained(path).eval(), ids)
 
 
 def merged_weight(out: Path, module: str) -> torch.Tensor:
