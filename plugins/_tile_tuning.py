@@ -52,8 +52,9 @@ Blocks = dict[str, int]
 Timer = Callable[[Callable[[], None]], float]
 
 _LOCK = threading.Lock()
-_MEMORY: dict[str, Blocks] = {}
+_MEMORY: dict[str, Blocks] = {}  # tuning key -> tiles (this process's and the cache file's)
 _LOADED: set[Path] = set()
+_SEEN: dict[tuple[Any, ...], Blocks] = {}  # (kernel, device, dtype, buckets...) -> tiles, for repeat calls
 
 
 def tuning_mode() -> str:
@@ -185,20 +186,24 @@ def choose_blocks(kernel: str, x: torch.Tensor, m: int, n: int, k: int, r: int, 
         return interpret_blocks(m, n, k)
     if tuning_mode() == "off":
         return default_blocks(m, n, k, r, dtype)
+    seen = (kernel, x.device, dtype, block(m, 16, 8192), n, k, block(r, 16, 32))
+    hit = _SEEN.get(seen)  # the per-call path: one dict lookup
+    if hit is not None:
+        return hit
     key = tuning_key(kernel, x.device, dtype, m, n, k, r)
     path = cache_path()
     with _LOCK:
         _load(path)
-        if key in _MEMORY:
-            return _MEMORY[key]
-        best = time_candidates(candidates(m, n, k, r, dtype), launch, timer or _do_bench)
-        if best is None:
-            warnings.warn(f"no tile configuration of {kernel} could be timed for {key}; using the default",
-                          stacklevel=2)
-            return default_blocks(m, n, k, r, dtype)
-        _MEMORY[key] = best
-        _save(path)
-        return best
+        if key not in _MEMORY:
+            best = time_candidates(candidates(m, n, k, r, dtype), launch, timer or _do_bench)
+            if best is None:
+                warnings.warn(f"no tile configuration of {kernel} could be timed for {key}; using the default",
+                              stacklevel=2)
+                return default_blocks(m, n, k, r, dtype)
+            _MEMORY[key] = best
+            _save(path)
+        _SEEN[seen] = _MEMORY[key]
+        return _MEMORY[key]
 
 
 def forget() -> None:
@@ -206,3 +211,4 @@ def forget() -> None:
     with _LOCK:
         _MEMORY.clear()
         _LOADED.clear()
+        _SEEN.clear()
