@@ -108,21 +108,28 @@ def tuning_key(kernel: str, device: torch.device, dtype: torch.dtype, m: int, n:
                      f"m{block(m, 16, 8192)}", f"n{n}", f"k{k}", f"r{block(r, 16, 32)}"))
 
 
+def _read(path: Path) -> dict[str, Blocks]:
+    """The valid records of the cache file (none if it is missing); ValueError etc. if it is unreadable."""
+    if not path.exists():
+        return {}
+    data = json.loads(path.read_text())
+    if data.get("version") != CACHE_VERSION:
+        raise ValueError(f"version {data.get('version')!r}, expected {CACHE_VERSION}")
+    return {key: dict(b) for key, b in data["tiles"].items() if isinstance(key, str) and _valid(b)}
+
+
+_UNREADABLE = (OSError, ValueError, KeyError, TypeError, AttributeError)
+
+
 def _load(path: Path) -> None:
     """Merge the tile records on disk into memory once per path; an unreadable file is ignored (warned)."""
     if path in _LOADED:
         return
     _LOADED.add(path)
-    if not path.exists():
-        return
     try:
-        data = json.loads(path.read_text())
-        if data.get("version") != CACHE_VERSION:
-            raise ValueError(f"version {data.get('version')!r}, expected {CACHE_VERSION}")
-        for key, blocks in data["tiles"].items():
-            if isinstance(key, str) and _valid(blocks):
-                _MEMORY.setdefault(key, dict(blocks))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        for key, blocks in _read(path).items():
+            _MEMORY.setdefault(key, blocks)
+    except _UNREADABLE as exc:
         warnings.warn(f"ignoring the kernel tile cache {path}: {exc}; it is rewritten after the next tuning",
                       stacklevel=3)
 
@@ -140,14 +147,10 @@ def _save(path: Path) -> None:
     """Rewrite the cache file atomically with every record known to this process (and on disk)."""
     from adapterhub.atomic import write_bytes
 
-    tiles: dict[str, Blocks] = {}
-    if path.exists():
-        try:
-            on_disk = json.loads(path.read_text())
-            if on_disk.get("version") == CACHE_VERSION:
-                tiles.update({k: v for k, v in on_disk["tiles"].items() if _valid(v)})
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            pass
+    try:
+        tiles = _read(path)  # records another process wrote since this one loaded
+    except _UNREADABLE:
+        tiles = {}
     tiles.update(_MEMORY)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

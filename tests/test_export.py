@@ -18,25 +18,7 @@ from adapterhub.registry import NotMergeableError
 
 peft = pytest.importorskip("peft")
 
-
-def trained(name: str, spec: str) -> torch.nn.Module:
-    model = adapterhub.apply(build_builtin(name), spec, seed=3)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for _, p in adapterhub.trainable_parameters(model):
-            p.add_(torch.randn(p.shape, generator=g) * 0.05)
-    return model
-
-
-def logits(model, ids) -> torch.Tensor:
-    with torch.no_grad():
-        return model(input_ids=ids).logits
-
-
-def peft_load(name: str, path):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # lora_bias on a bias-less layer warns that it cannot merge
-        return peft.PeftModel.from_pretrained(build_builtin(name), str(path)).eval()
+from .test_peft_interop import logits, peft_load, trained  # noqa: E402
 
 
 def tensors(path) -> dict[str, torch.Tensor]:

@@ -11,6 +11,8 @@ from adapterhub import AdapterhubError
 from adapterhub.models import build_builtin
 from adapterhub.stacking import StackLayer, stack
 
+from .test_compose import trained
+
 SPECS = {
     "A": ("tiny-llama", "attn.{q_proj,v_proj} -> lora(r=4, alpha=8)\n", 1),
     "B": ("tiny-llama", "attn.{v_proj,o_proj} -> lora(r=2)\nembed_tokens -> lora(r=2)\n", 2),
@@ -18,15 +20,6 @@ SPECS = {
     "V": ("tiny-gpt2", "attn.c_attn -> vera(r=8)\nmlp.c_fc -> vera(r=8)\n", 4),
     "T": ("tiny-gpt2", "attn.* -> tied_lora(r=4)\n", 5),
 }
-
-
-def trained(name: str, spec: str, seed: int) -> torch.nn.Module:
-    model = adapterhub.apply(build_builtin(name), spec, seed=seed)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in adapterhub.trainable_parameters(model):
-            p.add_(torch.randn(p.shape, generator=g) * 0.05)
-    return model
 
 
 @pytest.fixture(scope="module")
